@@ -1,0 +1,166 @@
+"""WebUI single file -> diffusers folder."""
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from dreambooth_ext.bridge.components import base_family, components_for
+from dreambooth_ext.bridge.detect import Detection, detect_family
+from dreambooth_ext.bridge.diffusers_folder import EXTRAS, SIDECAR, write_configs
+from dreambooth_ext.bridge.family_data import load_family
+from dreambooth_ext.bridge.keymap_text import strip_legacy_clip
+from dreambooth_ext.bridge.plan import DTYPES, cast_to, plan_to_diffusers, shapes_summary
+from dreambooth_ext.bridge.tensor_io import Entry, RenamedSource, TensorSource, atomic_path, open_checkpoint, write_safetensors_stream
+from dreambooth_ext.errors import UserError
+
+log = logging.getLogger(__name__)
+LEGACY_CLIP_PREFIX = "cond_stage_model.transformer."
+EMA_PREFIX = "model_ema."
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    destination: str
+    family: str
+    prediction_type: str
+    inpainting: bool
+    tensors: int
+    extras: int
+    ema_tensors: int
+    notes: List[str] = field(default_factory=list)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _legacy_clip_keys(source: TensorSource) -> bool:
+    return any(k.startswith(LEGACY_CLIP_PREFIX + "embeddings.") for k in source.keys())
+
+
+def _with_modern_clip_keys(source: TensorSource) -> TensorSource:
+    def rename(key: str) -> str:
+        if key.startswith(LEGACY_CLIP_PREFIX):
+            return LEGACY_CLIP_PREFIX + strip_legacy_clip(key[len(LEGACY_CLIP_PREFIX):])
+        return key
+
+    return RenamedSource(source, rename)
+
+
+def resolve_family(src: Path, source: TensorSource, detection: Detection, family: str) -> dict:
+    """The family dict to convert with: beside-yaml first, then the shipped config."""
+    if family != "auto" and base_family(family) != detection.family:
+        raise UserError(f"{src.name} is an {detection.label} checkpoint, not {family}; leave --family as auto or pick {detection.family}.")
+    name = family if family != "auto" else detection.family
+    fam = load_family(name)
+    yaml_path = src.with_suffix(".yaml")
+    if yaml_path.is_file():
+        from dreambooth_ext.bridge.ldm_yaml import parse_yaml
+
+        fam = parse_yaml(yaml_path, base=fam)
+        fam["yaml_text"] = yaml_path.read_text()
+        _infer_openclip_sizes(fam, source)
+        if family != "auto":  # an explicit choice beats the yaml
+            fam["family"] = name
+            fam["scheduler"]["prediction_type"] = "v_prediction" if name == "sd2-v" else "epsilon"
+    if detection.inpainting:
+        fam["unet"]["in_channels"] = 9
+    return fam
+
+
+def _infer_openclip_sizes(fam: dict, source: TensorSource):
+    """OpenCLIP towers are named by arch in a yaml, not sized: read their sizes off the weights."""
+    from dreambooth_ext.bridge.components import TEXT_ENCODER_LAYOUTS
+
+    for (prefix, layout), te in zip(TEXT_ENCODER_LAYOUTS[base_family(fam["family"])], fam["text_encoders"]):
+        if layout != "openclip" or prefix + "token_embedding.weight" not in source:
+            continue
+        vocab, width = source.shape(prefix + "token_embedding.weight")
+        head = prefix + "transformer.resblocks."
+        blocks = {k[len(head):].split(".")[0] for k in source.keys() if k.startswith(head)}
+        cfg = te["config"]
+        cfg.update(vocab_size=vocab, hidden_size=width, num_attention_heads=max(1, width // 64),
+                   max_position_embeddings=source.shape(prefix + "positional_embedding")[0],
+                   intermediate_size=source.shape(prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+                   # SD2 reads the penultimate layer, so diffusers keeps one layer fewer
+                   num_hidden_layers=len(blocks) - (1 if base_family(fam["family"]) == "sd2" else 0))
+        if prefix + "text_projection" in source:
+            cfg["projection_dim"] = source.shape(prefix + "text_projection")[1]
+
+
+def single_file_to_diffusers(src, dst, family: str = "auto", dtype: Optional[str] = None,
+                             overwrite: bool = False, progress: Optional[Callable[[str], None]] = None) -> ConvertReport:
+    """Convert a WebUI checkpoint to a diffusers folder; nothing is left at `dst` on failure."""
+    src, dst = Path(src), Path(dst)
+    say = progress or log.info
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} already exists; remove it or choose another destination.")
+    source = open_checkpoint(src)
+    detection = detect_family(source.shapes(), src.name)
+    legacy = detection.family == "sd1" and _legacy_clip_keys(source)
+    if legacy:
+        source = _with_modern_clip_keys(source)
+    fam = resolve_family(src, source, detection, family)
+    notes = list(detection.notes) if fam["family"] == "sd2" else []
+    out_dtype = DTYPES[dtype] if dtype else None
+
+    comps = components_for(fam)
+    plans = {c.name: plan_to_diffusers(c, source, out_dtype) for c in comps}
+    problems = [p for plan in plans.values() for p in plan.problems]
+    if problems:
+        where = "its beside-yaml" if "yaml_text" in fam else f"the shipped {fam['family']} config"
+        raise UserError(f"{src.name} does not match {where}: {shapes_summary(problems)}. "
+                        "If it is a non-standard size, put the WebUI yaml that describes it beside it as "
+                        f"{src.with_suffix('.yaml').name}.")
+    consumed = set().union(*(p.consumed for p in plans.values()))
+    extra_keys = [k for k in source.keys() if k not in consumed]
+    ema = [k for k in extra_keys if k.startswith(EMA_PREFIX)]
+    stray = [k for k in extra_keys if k.startswith(("model.diffusion_model.", "first_stage_model."))]
+    if stray:
+        notes.append(f"{len(stray)} model tensors outside the architecture were kept aside (e.g. {stray[0]})")
+    if ema:
+        notes.append(f"{len(ema)} EMA tensors (model_ema.*) were kept aside, not used for training; "
+                     "a plain conversion back restores them")
+
+    with atomic_path(dst) as tmp:
+        say(f"converting {src.name} ({detection.label}, {fam['scheduler'].get('prediction_type')}) to {dst}")
+        for comp in comps:
+            (tmp / comp.name).mkdir(parents=True)
+            write_safetensors_stream(tmp / comp.name / comp.weights_file, plans[comp.name].entries)
+            say(f"  {comp.name}: {len(plans[comp.name].entries)} tensors")
+        if extra_keys:
+            entries = [Entry(k, source.shape(k), cast_to(out_dtype, source.dtype(k)),
+                             lambda k=k: source.get(k).to(cast_to(out_dtype, source.dtype(k)))) for k in extra_keys]
+            write_safetensors_stream(tmp / EXTRAS, entries)
+        write_configs(tmp, _public_family(fam))
+        sidecar = {
+            "source_name": src.name,
+            "source_sha256": file_sha256(src),
+            "family": fam["family"],
+            "prediction_type": fam["scheduler"].get("prediction_type", "epsilon"),
+            "inpainting": detection.inpainting,
+            "legacy_clip_keys": legacy,
+            "yaml_text": fam.get("yaml_text"),
+            "extras": len(extra_keys),
+            "ema_tensors": len(ema),
+            "source_metadata": getattr(source, "metadata", {}) or {},
+        }
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    tensors = sum(len(p.entries) for p in plans.values())
+    return ConvertReport(src.name, str(dst), fam["family"], sidecar["prediction_type"], detection.inpainting,
+                         tensors, len(extra_keys), len(ema), notes)
+
+
+def _public_family(fam: dict) -> dict:
+    out = copy.deepcopy(fam)
+    out.pop("yaml_text", None)
+    return out

@@ -1,0 +1,73 @@
+"""Command line: `python -m dreambooth_ext convert|demo ...`.
+
+A UserError ends the command with its one sentence and exit code 1; anything else is a bug
+and keeps its traceback.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from dreambooth_ext.errors import UserError
+
+FAMILIES = ["auto", "sd1", "sd2", "sd2-v", "sdxl"]
+
+
+def _convert(args) -> int:
+    from dreambooth_ext.bridge import diffusers_to_single_file, single_file_to_diffusers
+
+    src, dst = Path(args.src), Path(args.dst)
+    if src.is_dir():
+        if args.family != "auto":
+            print("note: --family is read from the folder's own configs; the flag is ignored", file=sys.stderr)
+        report = diffusers_to_single_file(src, dst, dtype=args.dtype, overwrite=args.overwrite, progress=print)
+        print(f"wrote {report.path} ({report.family}, {report.tensors} tensors)")
+        if report.yaml_path:
+            print(f"wrote {report.yaml_path} (tells the WebUI this model's config)")
+    else:
+        report = single_file_to_diffusers(src, dst, family=args.family, dtype=args.dtype,
+                                          overwrite=args.overwrite, progress=print)
+        print(f"wrote {report.destination} ({report.family}, {report.prediction_type}, {report.tensors} tensors)")
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _demo(args) -> int:
+    from dreambooth_ext.demo import run_demo
+
+    return run_demo(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth_ext", description="DreamBooth for the Stable Diffusion WebUI")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="single file -> diffusers folder, or diffusers folder -> single file")
+    conv.add_argument("src", help="a .safetensors/.ckpt checkpoint, or a diffusers folder")
+    conv.add_argument("dst", help="a folder (from a file), or a .safetensors/.ckpt path (from a folder)")
+    conv.add_argument("--family", choices=FAMILIES, default="auto",
+                      help="model family; SD2 weights cannot tell epsilon from v-prediction: use sd2-v for 768-v models")
+    conv.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="cast float weights (default: keep)")
+    conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    conv.set_defaults(run=_convert)
+
+    demo = sub.add_parser("demo", help="run the built-in demo on a tiny model (CPU, no downloads)")
+    demo.add_argument("--out", default="out/demo", help="where the demo writes its files")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

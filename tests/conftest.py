@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+FAMILIES = ["sd1", "sd2", "sd2-v", "sdxl"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """One tiny single-file checkpoint (with beside-yaml) per family, built once per session."""
+    from dreambooth_ext.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = write_tiny_checkpoint(family, root / family / f"tiny-{family}.safetensors", seed=0)
+        return cache[family]
+
+    return get
