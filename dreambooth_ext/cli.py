@@ -35,6 +35,36 @@ def _convert(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import signal
+
+    from dreambooth_ext.train.config import config_from_args
+    from dreambooth_ext.train.reporter import ConsoleReporter
+    from dreambooth_ext.train.run import train
+
+    cfg = config_from_args(args)
+    reporter = ConsoleReporter()
+
+    def first_interrupt(signum, frame):
+        # the first Ctrl-C finishes the step and saves the state; a second one stops at once
+        reporter.stop_requested = True
+        reporter.warn("stopping after this step (Ctrl-C again to abort without saving)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, first_interrupt)
+    try:
+        result = train(cfg, reporter)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        reporter.close()
+    if result.status == "cancelled":
+        print(f"stopped at step {result.step}; run the same command again to resume")
+        return 3
+    for path in result.outputs:
+        print(f"output: {path}")
+    return 0
+
+
 def _demo(args) -> int:
     from dreambooth_ext.demo import run_demo
 
@@ -54,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     conv.set_defaults(run=_convert)
 
+    from dreambooth_ext.train.config import add_arguments
+
+    tr = sub.add_parser("train", help="DreamBooth-train a checkpoint on your images (see --help)")
+    add_arguments(tr)
+    tr.set_defaults(run=_train)
+
     demo = sub.add_parser("demo", help="run the built-in demo on a tiny model (CPU, no downloads)")
     demo.add_argument("--out", default="out/demo", help="where the demo writes its files")
     demo.set_defaults(run=_demo)
@@ -71,3 +107,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        from dreambooth_ext.jobs import _explain
+
+        print(f"error: {_explain(e)}", file=sys.stderr)
+        return 1

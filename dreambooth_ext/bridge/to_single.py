@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import torch
+
 from dreambooth_ext.bridge.components import base_family, components_for
 from dreambooth_ext.bridge.diffusers_folder import extras_source, family_from_folder, open_component, read_sidecar
 from dreambooth_ext.bridge.family_data import load_family
 from dreambooth_ext.bridge.plan import DTYPES, cast_to, plan_to_single, shapes_summary
-from dreambooth_ext.bridge.tensor_io import Entry, atomic_path, write_ckpt_atomic, write_safetensors_atomic
+from dreambooth_ext.bridge.tensor_io import DictSource, Entry, atomic_path, write_ckpt_atomic, write_safetensors_atomic
 from dreambooth_ext.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -64,9 +66,12 @@ def _legacy_name(key: str) -> str:
 
 def diffusers_to_single_file(src, dst, dtype: Optional[str] = None, metadata: Optional[Dict[str, str]] = None,
                              keep_ema: bool = True, overwrite: bool = True,
-                             progress: Optional[Callable[[str], None]] = None) -> WriteReport:
+                             progress: Optional[Callable[[str], None]] = None,
+                             replace: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> WriteReport:
     """Write a diffusers folder as one WebUI checkpoint (suffix .safetensors or .ckpt decides the format).
 
+    `replace` maps a component name (unet, text_encoder, ...) to an in-memory state dict used
+    instead of the folder's file: how a trainer writes its result without a folder copy.
     EMA tensors the folder kept aside from its source are restored when `keep_ema`; a trainer
     passes False, since those no longer match the trained weights.
     """
@@ -85,7 +90,9 @@ def diffusers_to_single_file(src, dst, dtype: Optional[str] = None, metadata: Op
     entries: List[Entry] = []
     problems: List[str] = []
     for comp in comps:
-        plan = plan_to_single(comp, open_component(src, comp.name), out_dtype)
+        given = (replace or {}).get(comp.name)
+        source = DictSource(given) if given is not None else open_component(src, comp.name)
+        plan = plan_to_single(comp, source, out_dtype)
         entries += plan.entries
         problems += plan.problems
     if problems:

@@ -1,0 +1,160 @@
+"""One training job at a time, run in a background thread, its state readable from any thread.
+
+The tab, the API and the standalone page drive training through this: start a job from a
+config, read `snapshot()` while it runs, `cancel()` it between steps, start it again to resume.
+"""
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.reporter import Reporter
+
+
+@dataclass
+class JobState:
+    name: str
+    status: str = "starting"  # starting | running | finished | cancelled | failed
+    stage: str = ""
+    step: int = 0
+    total: int = 0
+    loss: Optional[float] = None
+    lr: Optional[float] = None
+    eta_seconds: Optional[float] = None
+    losses: List[List[float]] = field(default_factory=list)
+    samples: List[str] = field(default_factory=list)
+    outputs: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    error: str = ""
+    started: float = field(default_factory=time.time)
+    finished: Optional[float] = None
+
+
+class Job(Reporter):
+    """A running training: the Reporter the trainer talks to, and the state others read."""
+
+    def __init__(self, cfg, on_event: Optional[Callable[[str, "Job"], None]] = None):
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._state = JobState(name=cfg.name, total=cfg.max_steps)
+        self._on_event = on_event
+        self._first_step: Optional[int] = None
+        self._t0 = time.time()
+        self.thread: Optional[threading.Thread] = None
+
+    # --- read from any thread
+    def snapshot(self) -> JobState:
+        with self._lock:
+            s = self._state
+            return JobState(**{**s.__dict__, "losses": list(s.losses), "samples": list(s.samples),
+                               "outputs": list(s.outputs), "warnings": list(s.warnings)})
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    @property
+    def done(self) -> bool:
+        return self.snapshot().status in ("finished", "cancelled", "failed")
+
+    # --- called by the trainer
+    def _update(self, event: str, **changes):
+        with self._lock:
+            for k, v in changes.items():
+                setattr(self._state, k, v)
+        if self._on_event:
+            self._on_event(event, self)
+
+    def stage(self, text, done=None, total=None):
+        self._update("stage", stage=text if total is None else f"{text} {done}/{total}")
+
+    def start(self, first_step, total):
+        self._first_step, self._t0 = first_step, time.time()
+        with self._lock:
+            self._state.losses = self._state.losses[:0]
+        self._update("start", status="running", step=first_step, total=total)
+
+    def progress(self, step, total, loss, lr):
+        done = step - (self._first_step or 0)
+        eta = (time.time() - self._t0) / done * (total - step) if done > 0 else None
+        with self._lock:
+            self._state.losses.append([step, loss])
+        self._update("progress", step=step, total=total, loss=loss, lr=lr, eta_seconds=eta)
+
+    def sample(self, path, prompt, seed, step):
+        with self._lock:
+            self._state.samples.append(path)
+        self._update("sample")
+
+    def output(self, path, kind):
+        with self._lock:
+            self._state.outputs.append(path)
+        self._update("output")
+
+    def warn(self, text):
+        with self._lock:
+            self._state.warnings.append(text)
+        self._update("warning")
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+
+class JobRunner:
+    """Runs at most one job; a second start while one runs is refused with a clear message."""
+
+    def __init__(self, train_fn: Optional[Callable] = None):
+        self._train_fn = train_fn
+        self._lock = threading.Lock()
+        self.current: Optional[Job] = None
+
+    def start(self, cfg, on_event=None, background: bool = True, around: Optional[Callable] = None) -> Job:
+        """Start training `cfg`. `around(fn)` wraps the run (the WebUI's GPU lock, model offloading)."""
+        with self._lock:
+            if self.current is not None and not self.current.done:
+                raise UserError(f"'{self.current.cfg.name}' is training now; wait for it or interrupt it first.")
+            job = Job(cfg, on_event)
+            self.current = job
+        run = lambda: self._run(job, around)  # noqa: E731
+        if background:
+            job.thread = threading.Thread(target=run, name=f"dreambooth-{cfg.name}", daemon=True)
+            job.thread.start()
+        else:
+            run()
+        return job
+
+    def _run(self, job: Job, around):
+        train_fn = self._train_fn
+        if train_fn is None:
+            from dreambooth_ext.train.run import train as train_fn
+        try:
+            call = (lambda: train_fn(job.cfg, job))  # noqa: E731
+            result = around(call) if around else call()
+            job._update("end", status=result.status, step=result.step, finished=time.time())
+        except UserError as e:
+            job._update("end", status="failed", error=str(e), finished=time.time())
+        except Exception as e:  # a bug or out of memory: keep the message, log the traceback
+            message = _explain(e)
+            traceback.print_exc()
+            job._update("end", status="failed", error=message, finished=time.time())
+
+    def cancel(self) -> bool:
+        job = self.current
+        if job is None or job.done:
+            return False
+        job.cancel()
+        return True
+
+
+def _explain(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "out of memory" in text.lower() or type(e).__name__ == "OutOfMemoryError":
+        return ("The GPU ran out of memory. Lower the resolution or batch size, turn on gradient checkpointing, "
+                "use LoRA instead of full training, keep the text encoder frozen, or pick 8-bit AdamW/Adafactor.")
+    return f"Training failed: {type(e).__name__}: {text}"
+
+
+RUNNER = JobRunner()

@@ -1,0 +1,188 @@
+"""Optimizers and learning-rate schedules for the trainer, chosen by name from the training config.
+
+    groups = [{"params": unet_params, "lr": 2e-6}, {"params": te_params, "lr": 1e-6}]
+    opt = make_optimizer(cfg.optimizer, groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                         eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, device=device)
+    sched = make_lr_scheduler(cfg.lr_scheduler, opt, warmup_steps=cfg.lr_warmup_steps,
+                              total_steps=cfg.max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+
+An optimizer that cannot run here (bitsandbytes without a CUDA GPU, Prodigy not installed) is refused
+with a UserError before training starts; `optimizer_available` tells a form which choices to offer.
+"""
+
+import importlib
+import inspect
+import math
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+import torch
+
+from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.config import OPTIMIZERS as OPTIMIZER_NAMES
+from dreambooth_ext.train.config import SCHEDULERS as SCHEDULER_NAMES
+
+_LABELS = {"adamw8bit": "8-bit AdamW", "lion8bit": "8-bit Lion"}
+
+DeviceLike = Union[str, torch.device]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers
+
+def _import(module: str) -> Tuple[Any, str]:
+    """(module, "") or (None, why not); any failure counts, as bitsandbytes may raise more than ImportError."""
+    try:
+        return importlib.import_module(module), ""
+    except Exception as e:  # noqa: BLE001 - a broken install is just "not available"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return None, first
+
+
+def optimizer_available(name: str, device: DeviceLike) -> Tuple[bool, str]:
+    """Whether optimizer `name` can run on `device`, and if not, why (a short phrase for a form or a message)."""
+    device = torch.device(device)
+    if name not in OPTIMIZER_NAMES:
+        return False, f"unknown optimizer '{name}'"
+    if name in _LABELS:
+        if device.type != "cuda":
+            return False, f"training runs on {device.type}, not an NVIDIA GPU"
+        bnb, why = _import("bitsandbytes")
+        if bnb is None:
+            return False, f"bitsandbytes does not import: {why}"
+        return True, ""
+    if name == "prodigy":
+        mod, why = _import("prodigyopt")
+        return (True, "") if mod is not None else (False, f"prodigyopt is not installed ({why})")
+    return True, ""
+
+
+def _all_params(param_groups: Sequence[Dict[str, Any]]) -> List[torch.Tensor]:
+    return [p for g in param_groups for p in g["params"]]
+
+
+def _supports_fused_adamw() -> bool:
+    return "fused" in inspect.signature(torch.optim.AdamW.__init__).parameters
+
+
+def _adamw(groups, betas, eps, weight_decay) -> torch.optim.Optimizer:
+    params = _all_params(groups)
+    on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    if on_cuda and _supports_fused_adamw():
+        try:
+            # one kernel for all parameters: the fastest AdamW on CUDA
+            return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, ValueError):
+            pass  # an older build that refuses some dtype: the multi-tensor path below still works
+    # foreach batches the update over tensors on CUDA; on CPU torch's own choice (per-tensor loop) is fine
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay,
+                             foreach=True if on_cuda else None)
+
+
+def _bnb(name, groups, betas, eps, weight_decay, device) -> torch.optim.Optimizer:
+    ok, why = optimizer_available(name, device)
+    if not ok:
+        raise UserError(f"Setting 'optimizer' is {name}: {_LABELS[name]} needs bitsandbytes on an NVIDIA GPU; "
+                        f"it is not available here ({why}); choose adamw or adafactor.")
+    bnb, _ = _import("bitsandbytes")
+    if name == "adamw8bit":
+        return bnb.optim.AdamW8bit(groups, betas=betas, eps=eps, weight_decay=weight_decay)
+    # Lion has no epsilon: its update is a sign
+    return bnb.optim.Lion8bit(groups, betas=betas, weight_decay=weight_decay)
+
+
+def _adafactor(groups, weight_decay) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor
+
+    # the schedule comes from our LR scheduler, so Adafactor's own relative step and scaling are off
+    return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False,
+                     weight_decay=weight_decay)
+
+
+def _prodigy(groups, betas, eps, weight_decay, device) -> torch.optim.Optimizer:
+    ok, why = optimizer_available("prodigy", device)
+    if not ok:
+        raise UserError(f"Setting 'optimizer' is prodigy but {why}; run `pip install prodigyopt` "
+                        "in the WebUI's Python environment or choose adamw.")
+    prodigyopt, _ = _import("prodigyopt")
+    # bias correction and the warmup safeguard are what diffusion fine-tuning usually needs (Prodigy README)
+    return prodigyopt.Prodigy(groups, betas=betas, eps=eps, weight_decay=weight_decay, decouple=True,
+                              use_bias_correction=True, safeguard_warmup=True)
+
+
+def make_optimizer(name: str, param_groups: List[Dict[str, Any]], *, betas: Tuple[float, float], eps: float,
+                   weight_decay: float, device: DeviceLike) -> torch.optim.Optimizer:
+    """The optimizer `name` over `param_groups` (each {"params": [...], "lr": float}); UserError if it cannot run here.
+
+    Group order is kept, so a caller can find the text encoder's group by index (e.g. to stop it).
+    """
+    device = torch.device(device)
+    groups = [dict(g, params=list(g["params"])) for g in param_groups]
+    if not _all_params(groups):
+        raise ValueError("make_optimizer got no parameters to train")
+    betas = (float(betas[0]), float(betas[1]))
+    if name == "adamw":
+        return _adamw(groups, betas, eps, weight_decay)
+    if name in _LABELS:
+        return _bnb(name, groups, betas, eps, weight_decay, device)
+    if name == "adafactor":
+        return _adafactor(groups, weight_decay)
+    if name == "prodigy":
+        return _prodigy(groups, betas, eps, weight_decay, device)
+    raise UserError(f"Setting 'optimizer' is '{name}'; choose one of {', '.join(OPTIMIZER_NAMES)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules
+
+class _Schedule:
+    """LR multiplier at optimizer step `step` (0-based: the step about to be taken).
+
+    Warmup ramps (step + 1) / (warmup + 1): the first step already moves, step `warmup` is at full LR.
+    The decay part reaches 0 at step `total_steps`, just past the last step, so no step is wasted at LR 0.
+    """
+
+    def __init__(self, name: str, warmup_steps: int, total_steps: int, num_cycles: int, power: float):
+        self.name = name
+        self.warmup_steps = 0 if name == "constant" else int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.num_cycles = int(num_cycles)
+        self.power = float(power)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.name in ("constant", "constant_with_warmup"):
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+        if self.name == "linear":
+            return 1.0 - progress
+        if self.name == "polynomial":
+            return (1.0 - progress) ** self.power
+        if self.name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        # cosine_with_restarts: num_cycles full cosine decays, each jumping back to full LR
+        if progress >= 1.0:
+            return 0.0
+        return 0.5 * (1.0 + math.cos(math.pi * ((self.num_cycles * progress) % 1.0)))
+
+
+def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                      num_cycles: int = 1, power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR for schedule `name`; call its step() once per optimizer step.
+
+    Every schedule but 'constant' first warms up over `warmup_steps`. state_dict()/load_state_dict()
+    round trip the step count, so a resumed run with the same settings continues the same curve.
+    """
+    if name not in SCHEDULER_NAMES:
+        raise UserError(f"Setting 'lr_scheduler' is '{name}'; choose one of {', '.join(SCHEDULER_NAMES)}.")
+    if total_steps < 1:
+        raise UserError(f"Setting 'max_steps' is {total_steps}; it must be at least 1.")
+    if warmup_steps < 0:
+        raise UserError(f"Setting 'lr_warmup_steps' is {warmup_steps}; it must be 0 or more.")
+    if num_cycles < 1:
+        raise UserError(f"Setting 'lr_num_cycles' is {num_cycles}; it must be at least 1.")
+    schedule = _Schedule(name, warmup_steps, total_steps, num_cycles, power)
+    # a plain function, so LambdaLR's state holds only the step count: a run resumed with more
+    # steps follows the curve of the settings it is resumed with, not the saved ones
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))

@@ -1,0 +1,81 @@
+"""Writing what a run made where the WebUI looks: checkpoints in Stable-diffusion/, LoRAs in Lora/."""
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from dreambooth_ext.train import lora as lora_lib
+
+
+def merged_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's plain state dict with every LoRA adapter added into its base weight (the model is untouched)."""
+    weights = lora_lib.get_lora_weights(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    for path, w in weights.items():
+        key = f"{path}.weight"
+        out[key] = (out[key].float() + lora_lib.lora_delta(w).reshape(out[key].shape)).to(out[key].dtype)
+    return out
+
+
+def plain_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return merged_state_dict(model) if lora_lib.lora_layers(model) else model.state_dict()
+
+
+def training_metadata(cfg, step: int, bundle) -> Dict[str, str]:
+    concepts = [{"instance_prompt": c.instance_prompt, "class_prompt": c.class_prompt,
+                 "images": c.instance_dir} for c in cfg.concepts]
+    return {
+        "dreambooth_ext.base_checkpoint": Path(cfg.checkpoint).name,
+        "dreambooth_ext.steps": str(step),
+        "dreambooth_ext.concepts": json.dumps(concepts),
+        "dreambooth_ext.settings": json.dumps({
+            "train_mode": cfg.train_mode, "resolution": cfg.resolution, "learning_rate": cfg.unet_learning_rate,
+            "text_encoder_mode": cfg.text_encoder_mode, "prior_loss_weight": cfg.prior_loss_weight,
+            "optimizer": cfg.optimizer, "lr_scheduler": cfg.lr_scheduler, "batch_size": cfg.train_batch_size,
+            "lora_rank": cfg.lora_rank if cfg.train_mode == "lora" else None, "seed": cfg.seed,
+        }),
+    }
+
+
+def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
+    """A single file in the WebUI's layout: the base folder's untrained parts plus the trained modules."""
+    from dreambooth_ext.bridge import diffusers_to_single_file
+
+    replace = {"unet": plain_state_dict(trainables.unet)}
+    if trainables.te_trained:
+        for i, te in enumerate(trainables.text_encoders):
+            replace["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = plain_state_dict(te)
+    report = diffusers_to_single_file(bundle.folder, path, dtype=cfg.save_dtype, keep_ema=False,
+                                      metadata=training_metadata(cfg, step, bundle), replace=replace,
+                                      progress=lambda _m: None)
+    return Path(report.path)
+
+
+def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
+    """Everything a save writes: the LoRA and/or the checkpoint, named NAME_<step>."""
+    from dreambooth_ext.train.lora_export import export_webui_lora
+
+    models = Path(cfg.models_dir)
+    written = []
+    if trainables.unet_lora:
+        path = models / "Lora" / f"{cfg.name}_{step}.safetensors"
+        tes = trainables.text_encoders if trainables.te_mode == "lora" else []
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
+        export_webui_lora(trainables.unet, tes, path, bundle.family, training_metadata(cfg, step, bundle), dtype=dtype)
+        reporter.output(str(path), "lora")
+        written.append(path)
+    # a fully trained text encoder does not fit in a LoRA file: it needs the checkpoint too
+    if not trainables.unet_lora or cfg.save_lora_merged or trainables.te_mode == "full":
+        suffix = ".ckpt" if cfg.save_format == "ckpt" else ".safetensors"
+        path = write_checkpoint(cfg, bundle, trainables, step, models / "Stable-diffusion" / f"{cfg.name}_{step}{suffix}")
+        reporter.output(str(path), "checkpoint")
+        written.append(path)
+        if path.with_suffix(".yaml").is_file():
+            reporter.output(str(path.with_suffix(".yaml")), "yaml")
+    return written
