@@ -62,7 +62,12 @@ def tiny_family(name: str) -> dict:
 
 
 def build_models(fam: dict, seed: int = 0) -> Dict[str, torch.nn.Module]:
-    """Random-weight diffusers/transformers modules for a family dict."""
+    """Random-weight diffusers/transformers modules for a family dict.
+
+    The VAE's scaling factor is calibrated (and written into `fam`) so its latents of real
+    pictures have unit variance, which is what the real models' factors (0.18215, 0.13025) do:
+    without it a random VAE's latents are ~50x smaller than the noise diffusion starts from.
+    """
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -74,7 +79,34 @@ def build_models(fam: dict, seed: int = 0) -> Dict[str, torch.nn.Module]:
     for i, te in enumerate(fam["text_encoders"]):
         cls = getattr(transformers, te["class"])
         models["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = cls(transformers.CLIPTextConfig(**te["config"]))
+    _sharpen_vae(models["vae"], fam["vae"]["latent_channels"])
+    scale = _unit_variance_scale(models["vae"])
+    models["vae"].register_to_config(scaling_factor=scale)
+    fam["vae"]["scaling_factor"] = scale
     return {k: m.eval() for k, m in models.items()}
+
+
+@torch.no_grad()
+def _sharpen_vae(vae, channels: int):
+    """A trained VAE encodes almost deterministically (log-variance near -20); a random one
+    samples with std ~1, which would bury every image in noise. Fix the log-variance half of
+    quant_conv to -20, as a trained VAE would have it."""
+    vae.quant_conv.weight[channels:] = 0
+    vae.quant_conv.bias[channels:] = -20.0
+
+
+@torch.no_grad()
+def _unit_variance_scale(vae) -> float:
+    """1 / std of the VAE's latent means over the bundled demo pictures, rounded for readable configs."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(__file__).resolve().parent / "data" / "demo" / "instance"
+    pictures = [np.asarray(Image.open(p).convert("RGB").resize((64, 64)), dtype=np.float32) / 127.5 - 1
+                for p in sorted(folder.glob("*.png"))]
+    batch = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2)
+    std = vae.encode(batch).latent_dist.mean.std().item()
+    return float(f"{1.0 / std:.5g}")
 
 
 def save_diffusers(fam: dict, models: Dict[str, torch.nn.Module], folder: Path, sidecar: Optional[dict] = None):

@@ -1,0 +1,43 @@
+"""Measuring what training did, in latent space: how close generations come to the instance images.
+
+Used by the tests (a learned token, prior preservation), the demo and the benchmarks.
+"""
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+@torch.no_grad()
+def image_latents(bundle, paths: Sequence[Path], resolution: int) -> torch.Tensor:
+    """Scaled latent means of images, centre-cropped square: [N, C, h, w]."""
+    from dreambooth_ext.train.buckets import square_crop, to_tensor
+    from dreambooth_ext.train.images import load_image
+
+    pixels = torch.stack([to_tensor(square_crop(load_image(p), resolution)) for p in paths])
+    vae = bundle.vae
+    param = next(vae.parameters())
+    return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mean.float().cpu() * bundle.vae_scale
+
+
+@torch.no_grad()
+def generated_latents(pipe, prompt: str, seeds: Sequence[int], steps: int, resolution: int,
+                      guidance: float = 1.0) -> torch.Tensor:
+    """Final latents (before decoding) of one image per seed.
+
+    Guidance 1 (no classifier-free guidance) by default: a model fine-tuned from scratch-like
+    weights never learned the empty prompt, and guidance would extrapolate from it.
+    """
+    out = []
+    for seed in seeds:
+        result = pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution, guidance_scale=guidance,
+                      generator=torch.Generator().manual_seed(seed), output_type="latent")
+        out.append(result.images[0].float().cpu())
+    return torch.stack(out)
+
+
+def mean_nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean over samples of the L2 distance to the nearest reference latent."""
+    d = torch.cdist(samples.flatten(1), references.flatten(1))
+    return d.min(dim=1).values.mean().item()

@@ -1,0 +1,21 @@
+"""Shared set-up for trainer tests: a tiny SD1 base and small configs."""
+
+from pathlib import Path
+
+from dreambooth_ext.train.config import Concept, TrainConfig
+
+DEMO = Path(__file__).resolve().parent.parent / "dreambooth_ext" / "data" / "demo" / "instance"
+TOKEN_PROMPT = "a sks_pixarstyle character"
+CLASS_PROMPT = "a pixar-style character"
+
+
+def small_config(tmp_path, checkpoint, **overrides) -> TrainConfig:
+    """A config that trains the tiny model in seconds on a CPU."""
+    concept = Concept(instance_dir=str(overrides.pop("instance_dir", DEMO)), instance_prompt=TOKEN_PROMPT,
+                      class_prompt=overrides.pop("class_prompt", CLASS_PROMPT),
+                      num_class_images=overrides.pop("num_class_images", 2))
+    base = dict(checkpoint=str(checkpoint), name="tiny", models_dir=str(tmp_path / "models"), concepts=[concept],
+                resolution=64, max_steps=6, learning_rate=1e-3, class_image_steps=2, bucketing=False,
+                save_dtype="fp32", seed=7)
+    base.update(overrides)
+    return TrainConfig(**base)
