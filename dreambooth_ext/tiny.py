@@ -163,7 +163,8 @@ def single_file_from_models(fam: dict, models: Dict[str, torch.nn.Module], path,
     clip_version = None
     if not fam["family"].startswith("sd2"):
         te = fam["text_encoders"][0]
-        clip_version = str(write_clip_folder(models["text_encoder"], te["tokenizer_pad"], path.parent / f"{path.stem}.clip"))
+        # absolute: the WebUI resolves the yaml's version against its own working folder
+        clip_version = str(write_clip_folder(models["text_encoder"], te["tokenizer_pad"], path.parent / f"{path.stem}.clip").resolve())
     sidecar = {"family": fam["family"], "yaml_text": generate_yaml(fam, clip_version=clip_version)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_diffusers(fam, models, Path(tmp) / "model", sidecar)

@@ -83,6 +83,10 @@ class TrainConfig:
     name: str = setting("", "Name of the new model; files are written as NAME_<step>.safetensors.", "model")
     models_dir: str = setting(
         "models", "The WebUI's models folder; checkpoints go to its Stable-diffusion/, LoRAs to its Lora/.", "model")
+    checkpoint_dir: str = setting(
+        "", "Where new checkpoints go (empty: MODELS_DIR/Stable-diffusion; the WebUI passes its --ckpt-dir).", "model")
+    lora_dir: str = setting(
+        "", "Where new LoRA files go (empty: MODELS_DIR/Lora; the WebUI passes its --lora-dir).", "model")
     workspace_dir: str = setting(
         "", "Folder for class images, samples and resumable state (empty: MODELS_DIR/dreambooth/NAME).", "model")
     family: str = setting(
@@ -225,6 +229,12 @@ class TrainConfig:
     @property
     def effective_lora_alpha(self) -> float:
         return self.lora_alpha or float(self.lora_rank)
+
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.models_dir) / "Stable-diffusion"
+
+    def lora_path(self) -> Path:
+        return Path(self.lora_dir) if self.lora_dir else Path(self.models_dir) / "Lora"
 
     def workspace_path(self) -> Path:
         return Path(self.workspace_dir) if self.workspace_dir else Path(self.models_dir) / "dreambooth" / self.name

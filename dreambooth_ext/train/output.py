@@ -61,10 +61,9 @@ def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
     """Everything a save writes: the LoRA and/or the checkpoint, named NAME_<step>."""
     from dreambooth_ext.train.lora_export import export_webui_lora
 
-    models = Path(cfg.models_dir)
     written = []
     if trainables.unet_lora:
-        path = models / "Lora" / f"{cfg.name}_{step}.safetensors"
+        path = cfg.lora_path() / f"{cfg.name}_{step}.safetensors"
         tes = trainables.text_encoders if trainables.te_mode == "lora" else []
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
         export_webui_lora(trainables.unet, tes, path, bundle.family, training_metadata(cfg, step, bundle), dtype=dtype)
@@ -73,7 +72,7 @@ def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
     # a fully trained text encoder does not fit in a LoRA file: it needs the checkpoint too
     if not trainables.unet_lora or cfg.save_lora_merged or trainables.te_mode == "full":
         suffix = ".ckpt" if cfg.save_format == "ckpt" else ".safetensors"
-        path = write_checkpoint(cfg, bundle, trainables, step, models / "Stable-diffusion" / f"{cfg.name}_{step}{suffix}")
+        path = write_checkpoint(cfg, bundle, trainables, step, cfg.checkpoint_path() / f"{cfg.name}_{step}{suffix}")
         reporter.output(str(path), "checkpoint")
         written.append(path)
         if path.with_suffix(".yaml").is_file():

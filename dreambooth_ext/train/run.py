@@ -48,6 +48,8 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
         reporter.warn(n)
     acc = Accelerator(mixed_precision=mode, cpu=device.type == "cpu")
     device = acc.device
+    if not acc.is_main_process:
+        reporter = _Quiet(reporter)  # one progress bar and one set of messages under `accelerate launch`
     workspace = cfg.workspace_path()
     workspace.mkdir(parents=True, exist_ok=True)
 
@@ -88,7 +90,8 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
 
     progress = _resume(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, reporter)
     result = TrainResult("finished", progress.step, losses=progress.losses)
-    reporter.stage(f"training on {device.type} ({mode} precision, {attention} attention)")
+    procs = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
+    reporter.stage(f"training on {device.type} ({mode} precision, {attention} attention{procs})")
     reporter.start(progress.step, cfg.max_steps)
     started, first = time.time(), progress.step
     while progress.step < cfg.max_steps:
@@ -123,6 +126,22 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
             result.samples += _samples(cfg, bundle, trainables, workspace, progress.step, ema, reporter)
         result.outputs += [str(p) for p in _outputs(cfg, bundle, trainables, progress.step, ema, reporter)]
     return result
+
+
+class _Quiet(Reporter):
+    """What the other processes of a data-parallel run report: nothing, but they still honour a stop."""
+
+    def __init__(self, inner: Reporter):
+        self._inner = inner
+
+    def stage(self, text, done=None, total=None):
+        pass
+
+    def warn(self, text):
+        pass
+
+    def should_stop(self):
+        return self._inner.should_stop()
 
 
 def _load_base(cfg, workspace: Path, acc, reporter):

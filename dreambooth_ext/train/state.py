@@ -19,7 +19,7 @@ from dreambooth_ext.errors import UserError
 RESUMABLE_CHANGES = {
     "max_steps", "sample_every", "sample_prompts", "sample_negative_prompt", "sample_seeds", "num_sample_images",
     "sample_steps", "sample_guidance", "save_model_every", "save_state_every", "save_format", "save_dtype",
-    "save_lora_merged", "dataloader_workers", "models_dir",
+    "save_lora_merged", "dataloader_workers", "models_dir", "checkpoint_dir", "lora_dir",
 }
 
 
