@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Single entry point: sets up the Python environments on first use, then runs a subcommand.
-#   ./run.sh demo [ARGS]       convert the built-in tiny model and check the round trip
+#   ./run.sh demo [ARGS]       train the built-in tiny model on the bundled demo concept (CPU, a few minutes)
 #   ./run.sh test [PYTEST...]  run the tests with the WebUI pins (.venv) and the Forge pins (.venv-forge)
 #   ./run.sh convert ARGS      python -m dreambooth_ext convert ARGS
+#   ./run.sh ui [ARGS]         the DreamBooth tab as a standalone page on http://127.0.0.1:7870
 #   ./run.sh bench NAME [ARGS] python bench/NAME.py ARGS
 #   ./run.sh py ARGS           the project's Python (.venv) with ARGS
 set -euo pipefail
@@ -18,6 +19,7 @@ usage: ./run.sh COMMAND [ARGS...]
   demo [ARGS]        run the main job on a built-in default (python -m dreambooth_ext demo)
   test [PYTEST...]   run the tests with the WebUI pins (.venv) and the Forge pins (.venv-forge)
   convert ARGS       python -m dreambooth_ext convert ARGS
+  ui [ARGS]          serve the DreamBooth tab on http://127.0.0.1:7870 (--port, --models-dir)
   bench NAME [ARGS]  python bench/NAME.py ARGS
   py ARGS            run the project's Python (.venv) with ARGS
 EOF
@@ -125,13 +127,14 @@ command="${1:-}"
 [[ $# -gt 0 ]] && shift
 
 case "$command" in
-    demo | convert | bench | py) ensure_venv .venv requirements/webui.txt ;;
+    demo | convert | ui | bench | py) ensure_venv .venv requirements/webui.txt ;;
 esac
 
 case "$command" in
     demo) exec "$PY" -m dreambooth_ext demo "$@" ;;
     test) cmd_test "$@" ;;
     convert) exec "$PY" -m dreambooth_ext convert "$@" ;;
+    ui) exec "$PY" -m dreambooth_ext ui "$@" ;;
     bench)
         if [[ $# -lt 1 ]]; then
             echo "usage: ./run.sh bench NAME [ARGS...]  (NAME is a file bench/NAME.py)" >&2

@@ -1,4 +1,4 @@
-"""Command line: `python -m dreambooth_ext convert|demo ...`.
+"""Command line: `python -m dreambooth_ext convert|train|demo|ui ...`.
 
 A UserError ends the command with its one sentence and exit code 1; anything else is a bug
 and keeps its traceback.
@@ -68,7 +68,14 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from dreambooth_ext.demo import run_demo
 
-    return run_demo(Path(args.out))
+    return run_demo(Path(args.out), Path(args.models_dir))
+
+
+def _ui(args) -> int:
+    from dreambooth_ext.ui.standalone import serve
+
+    serve(models_dir=args.models_dir, host=args.host, port=args.port)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(run=_train)
 
     demo = sub.add_parser("demo", help="run the built-in demo on a tiny model (CPU, no downloads)")
-    demo.add_argument("--out", default="out/demo", help="where the demo writes its files")
+    demo.add_argument("--out", default="out/demo", help="where the demo writes its grid and loss plot")
+    demo.add_argument("--models-dir", default="models", help="the models folder the checkpoint goes to")
     demo.set_defaults(run=_demo)
+
+    ui = sub.add_parser("ui", help="serve the DreamBooth tab as a standalone page, without the WebUI")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: only this machine)")
+    ui.add_argument("--port", type=int, default=7870, help="port to listen on")
+    ui.add_argument("--models-dir", default="models",
+                    help="models folder: checkpoints in its Stable-diffusion/, LoRAs in its Lora/")
+    ui.set_defaults(run=_ui)
     return parser
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.reporter import Reporter
@@ -71,10 +71,10 @@ class Job(Reporter):
     def stage(self, text, done=None, total=None):
         self._update("stage", stage=text if total is None else f"{text} {done}/{total}")
 
-    def start(self, first_step, total):
+    def start(self, first_step, total, history=()):
         self._first_step, self._t0 = first_step, time.time()
         with self._lock:
-            self._state.losses = self._state.losses[:0]
+            self._state.losses = [list(p) for p in history]  # a resumed run's plot starts where it left off
         self._update("start", status="running", step=first_step, total=total)
 
     def progress(self, step, total, loss, lr):
@@ -155,6 +155,52 @@ def _explain(e: Exception) -> str:
         return ("The GPU ran out of memory. Lower the resolution or batch size, turn on gradient checkpointing, "
                 "use LoRA instead of full training, keep the text encoder frozen, or pick 8-bit AdamW/Adafactor.")
     return f"Training failed: {type(e).__name__}: {text}"
+
+
+def host_hooks(host, title: str, total: int) -> Tuple[Callable, Callable]:
+    """(on_event, around) that tie a job to its host: the GPU lock, the host's progress bar and its
+    Interrupt button, and a refreshed checkpoint list when files were written. The tab and the API share them."""
+
+    def around(fn):
+        def with_progress():
+            host.progress_begin(title, total)
+            try:
+                return fn()
+            finally:
+                host.progress_end()
+
+        return host.run_exclusive(with_progress)
+
+    def on_event(event: str, job: "Job") -> None:
+        if event in ("progress", "stage"):
+            s = job.snapshot()
+            host.progress_update(s.step, s.total, status_text(s))
+            if host.interrupted():  # the WebUI's own Interrupt button
+                job.cancel()
+        elif event == "end" and job.snapshot().outputs:
+            host.refresh_checkpoints()  # the host's dropdown shows the new files
+
+    return on_event, around
+
+
+def status_text(s: JobState) -> str:
+    """'running · training on cpu · step 12/40 · loss 0.5454 · ETA 1:07' and the like."""
+    parts = [s.status]
+    if s.stage and s.status in ("starting", "running", "cancelled"):
+        parts.append(s.stage)
+    if s.total and s.status != "starting":
+        parts.append(f"step {s.step}/{s.total}")
+    if s.loss is not None:
+        parts.append(f"loss {s.loss:.4f}")
+    if s.eta_seconds is not None and s.status == "running":
+        parts.append(f"ETA {_duration(s.eta_seconds)}")
+    return " · ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
 RUNNER = JobRunner()

@@ -6,7 +6,6 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from dreambooth_ext.bridge import detect_family, single_file_to_diffusers, diffusers_to_single_file
 from dreambooth_ext.errors import UserError

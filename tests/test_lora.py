@@ -25,7 +25,6 @@ from dreambooth_ext.tiny import tiny_family
 from dreambooth_ext.train.lora import (
     add_lora,
     get_lora_weights,
-    lora_delta,
     lora_layers,
     lora_parameters,
     lora_state_dict,

@@ -11,8 +11,7 @@ from dreambooth_ext.errors import UserError
 from dreambooth_ext.train import optim, precision
 from dreambooth_ext.train.ema import EMA
 from dreambooth_ext.train.optim import make_lr_scheduler, make_optimizer, optimizer_available
-from dreambooth_ext.train.precision import (LossScaler, autocast_context, choose_attention, make_loss_scaler,
-                                            resolve_mixed_precision, trainable_dtype)
+from dreambooth_ext.train.precision import choose_attention, resolve_mixed_precision, trainable_dtype
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # a device object only: nothing here allocates on it
@@ -291,50 +290,6 @@ def test_trainable_dtype():
     assert trainable_dtype("fp16", CUDA, trained=True) == torch.float32
     assert trainable_dtype("no", CUDA) == torch.float32
 
-
-def test_autocast_context_on_cpu():
-    a, b = torch.randn(4, 4), torch.randn(4, 4)
-    with autocast_context("bf16", CPU):
-        assert (a @ b).dtype == torch.bfloat16
-    with autocast_context("no", CPU):
-        assert (a @ b).dtype == torch.float32
-
-
-def test_loss_scaler_noop_equals_plain_training():
-    plain, x, y = _regression()
-    scaled, _, _ = _regression()
-    scaler = make_loss_scaler("no", CPU)
-    assert not scaler.enabled and not make_loss_scaler("fp16", CPU).enabled
-    assert not make_loss_scaler("bf16", CUDA).enabled
-    opt_a = make_optimizer("adamw", [{"params": plain.parameters(), "lr": 1e-2}], device=CPU, **ADAM)
-    opt_b = make_optimizer("adamw", [{"params": scaled.parameters(), "lr": 1e-2}], device=CPU, **ADAM)
-    _train(plain, opt_a, x, y, 10)
-    _train(scaled, opt_b, x, y, 10, scaler=scaler)
-    for p, q in zip(plain.parameters(), scaled.parameters()):
-        assert torch.equal(p, q)
-    assert scaler.update() is True and scaler.scale == 1.0
-    assert scaler.state_dict() == {}
-    scaler.load_state_dict({"scale": 1024.0})  # a state from an fp16 run is ignored without scaling
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling needs CUDA")
-def test_loss_scaler_fp16_on_cuda_skips_overflow():
-    p = torch.nn.Parameter(torch.ones(3, device="cuda"))
-    opt = torch.optim.SGD([p], lr=0.1)
-    scaler = make_loss_scaler("fp16", "cuda")
-    assert scaler.enabled
-    scaler.backward((p * float("inf")).sum())
-    scaler.unscale_(opt)
-    scaler.step(opt)
-    assert scaler.update() is False and torch.equal(p.detach(), torch.ones(3, device="cuda"))
-    state = scaler.state_dict()
-    other = LossScaler(enabled=True)
-    other.load_state_dict(state)
-    assert other.scale == scaler.scale
-
-
-# ---------------------------------------------------------------------------------------------
-# EMA
 
 def test_ema_matches_hand_computation():
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))

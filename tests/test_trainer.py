@@ -1,7 +1,6 @@
 """The trainer end to end on tiny models: what it writes, resume, LoRA, other families, and bad input."""
 
 import errno
-import shutil
 
 import pytest
 import torch
@@ -241,5 +240,6 @@ def test_job_runner_cancel_then_resume(tiny_checkpoints, tmp_path):
     job = runner.start(cfg)
     job.thread.join(300)
     state = job.snapshot()
-    assert state.status == "finished" and state.step == 30 and state.losses[0][0] == 3
+    assert state.status == "finished" and state.step == 30
+    assert [p[0] for p in state.losses] == list(range(1, 31))  # the plot keeps the steps before the stop
     assert state.outputs and state.outputs[0].endswith("tiny_30.safetensors")

@@ -14,7 +14,7 @@ import torch
 
 from dreambooth_ext.train import buckets as bk
 from dreambooth_ext.train.captions import prompt_for_image
-from dreambooth_ext.train.images import check_instance_folder, list_images, load_image, scan_folder
+from dreambooth_ext.train.images import check_instance_folder, load_image, scan_folder
 
 
 @dataclass

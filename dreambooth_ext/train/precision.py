@@ -1,20 +1,17 @@
-"""Device, mixed precision, loss scaling and attention kernels, decided at run time from what the machine has.
+"""Device, mixed precision and attention kernels, decided at run time from what the machine has.
 
     device = pick_device()
     mode, notes = resolve_mixed_precision(cfg.mixed_precision, device)   # "no" | "fp16" | "bf16"
-    scaler = make_loss_scaler(mode, device)                               # one code path with or without fp16
-    with autocast_context(mode, device):
-        loss = ...
-    scaler.backward(loss); scaler.unscale_(opt); clip; scaler.step(opt); applied = scaler.update()
+    dtype = trainable_dtype(mode, device, trained=False, module="vae")   # where frozen weights live
     used = choose_attention(cfg.attention, device, unet, warn=report.warn)
 
-Every GPU-only path (bf16 checks, GradScaler, xformers) is taken only on CUDA; a CPU run is plain fp32
-(or bf16 autocast when asked) and goes through the same calls.
+Autocast and fp16 loss scaling are accelerate's (the trainer's Accelerator gets `mode`), so a
+data-parallel run under `accelerate launch` and a single-process run take the same path. Every
+GPU-only path (bf16 checks, xformers) is taken only on CUDA; a CPU run is plain fp32.
 """
 
-import contextlib
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -74,14 +71,6 @@ def resolve_mixed_precision(setting: str, device: DeviceLike) -> Tuple[str, List
     return setting, []
 
 
-def autocast_context(mode: str, device: DeviceLike):
-    """torch.autocast for fp16/bf16, or a do-nothing context for "no"."""
-    device = torch.device(device)
-    if mode == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[mode])
-
-
 def trainable_dtype(mode: str, device: DeviceLike, *, trained: bool = False, module: str = "") -> torch.dtype:
     """The dtype to keep a module's weights in.
 
@@ -97,73 +86,6 @@ def trainable_dtype(mode: str, device: DeviceLike, *, trained: bool = False, mod
         return torch.float32
     return _DTYPES[mode]
 
-
-# ---------------------------------------------------------------------------------------------
-# Loss scaling
-
-def _cuda_grad_scaler():
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda")
-    return torch.cuda.amp.GradScaler()  # torch < 2.3 (the WebUI's default 2.1.2)
-
-
-class LossScaler:
-    """fp16 loss scaling through torch's GradScaler, or plain backward/step when it is not needed.
-
-    The training loop calls the same methods either way. `update()` says whether the step just taken was
-    applied: with fp16 an overflow skips it, and the LR scheduler should then not advance.
-    """
-
-    def __init__(self, enabled: bool):
-        self.enabled = bool(enabled)
-        self._scaler = _cuda_grad_scaler() if self.enabled else None
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self._scaler is None:
-            loss.backward()
-        else:
-            self._scaler.scale(loss).backward()
-
-    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Bring gradients back to their true size (call before clipping them)."""
-        if self._scaler is not None:
-            self._scaler.unscale_(optimizer)
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._scaler is None:
-            optimizer.step()
-        else:
-            self._scaler.step(optimizer)
-
-    def update(self) -> bool:
-        """Adjust the scale for the next step; False when the step just taken was skipped (inf/NaN gradients)."""
-        if self._scaler is None:
-            return True
-        before = self._scaler.get_scale()
-        self._scaler.update()
-        # GradScaler lowers the scale exactly when it found inf/NaN and skipped the step
-        return self._scaler.get_scale() >= before
-
-    @property
-    def scale(self) -> float:
-        return self._scaler.get_scale() if self._scaler is not None else 1.0
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self._scaler.state_dict() if self._scaler is not None else {}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        # a state saved without scaling (or resumed on another precision) leaves the fresh scale in place
-        if self._scaler is not None and state:
-            self._scaler.load_state_dict(state)
-
-
-def make_loss_scaler(mode: str, device: DeviceLike) -> LossScaler:
-    """Scaling only for fp16 on CUDA: bf16 and fp32 have fp32's range and need none."""
-    return LossScaler(enabled=(mode == "fp16" and torch.device(device).type == "cuda"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention
 
 def _xformers_importable() -> Tuple[bool, str]:
     try:

@@ -18,8 +18,8 @@ class Reporter:
         """A phase before or around the training steps (converting, class images, caching)."""
         log.info(text if total is None else f"{text} {done}/{total}")
 
-    def start(self, first_step: int, total: int) -> None:
-        """The training steps begin (at first_step when resuming)."""
+    def start(self, first_step: int, total: int, history=()) -> None:
+        """The training steps begin (at first_step when resuming, with the saved [step, loss] history)."""
 
     def progress(self, step: int, total: int, loss: float, lr: float) -> None:
         """One optimizer step is done."""
@@ -46,7 +46,7 @@ class ConsoleReporter(Reporter):
         self._bar = None
         self.stop_requested = False
 
-    def start(self, first_step: int, total: int) -> None:
+    def start(self, first_step: int, total: int, history=()) -> None:
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=total, initial=first_step, desc="training", unit="step", dynamic_ncols=True)

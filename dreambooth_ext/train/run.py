@@ -78,7 +78,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
         if trainables.te_mode == "full":
             for te in bundle.text_encoders:
                 te.gradient_checkpointing_enable()
-    _place(bundle, trainables, device, weight_dtype)
+    _place(bundle, trainables, device, mode)
     prompts = PromptCache(bundle, bundle.text_encoders, cfg.cache_text_embeddings and not trainables.te_trained)
     if prompts.enabled:
         prompts.precompute([ex.prompt for s in (instances, classes) for ex in s.examples])
@@ -92,7 +92,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     result = TrainResult("finished", progress.step, losses=progress.losses)
     procs = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
     reporter.stage(f"training on {device.type} ({mode} precision, {attention} attention{procs})")
-    reporter.start(progress.step, cfg.max_steps)
+    reporter.start(progress.step, cfg.max_steps, list(progress.losses))
     started, first = time.time(), progress.step
     while progress.step < cfg.max_steps:
         loss = _optimizer_step(cfg, progress.step, micro, instances, classes, trainables, optimizer, acc)
@@ -184,17 +184,17 @@ def _class_images(cfg, bundle, acc, reporter, device):
                 raise Cancelled()
 
 
-def _place(bundle, trainables, device, weight_dtype):
+def _place(bundle, trainables, device, mode):
     """Trained weights stay fp32 (master copies); frozen modules run in the mixed-precision dtype."""
     from dreambooth_ext.train.lora import cast_lora_parameters
+    from dreambooth_ext.train.precision import trainable_dtype
 
-    bundle.vae.to(device)  # fp32: the SDXL VAE overflows in fp16
-    frozen_unet_dtype = weight_dtype if trainables.unet_lora else torch.float32
-    bundle.unet.to(device, frozen_unet_dtype)
+    bundle.vae.to(device, trainable_dtype(mode, device, module="vae"))
+    bundle.unet.to(device, trainable_dtype(mode, device, trained=not trainables.unet_lora))
     if trainables.unet_lora:
         cast_lora_parameters(bundle.unet, torch.float32)
     for te in bundle.text_encoders:
-        te.to(device, torch.float32 if trainables.te_mode == "full" else weight_dtype)
+        te.to(device, trainable_dtype(mode, device, trained=trainables.te_mode == "full"))
         if trainables.te_mode == "lora":
             cast_lora_parameters(te, torch.float32)
 

@@ -1,0 +1,55 @@
+"""What the tab needs from its host. The WebUI adapter and the standalone host implement it."""
+
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple, TypeVar
+
+T = TypeVar("T")
+
+
+class Host:
+    """Defaults describe a host with no WebUI: override what the real host provides."""
+
+    name = "standalone"
+
+    def models_dir(self) -> Path:
+        """The models folder whose Stable-diffusion/ and Lora/ the WebUI reads."""
+        raise NotImplementedError
+
+    def checkpoint_dir(self) -> Path:
+        """Where new checkpoints go (the WebUI's --ckpt-dir when set)."""
+        return self.models_dir() / "Stable-diffusion"
+
+    def lora_dir(self) -> Path:
+        return self.models_dir() / "Lora"
+
+    def list_checkpoints(self) -> List[Tuple[str, str]]:
+        """(title shown in the dropdown, file path) of every checkpoint the host knows."""
+        raise NotImplementedError
+
+    def active_checkpoint(self) -> Optional[str]:
+        """Path of the checkpoint the host has loaded, if any."""
+        return None
+
+    def refresh_checkpoints(self) -> None:
+        """Make the host's checkpoint list see new files."""
+
+    def set_active_checkpoint(self, path: str) -> bool:
+        """Load `path` as the host's active checkpoint; False where the host cannot."""
+        return False
+
+    def progress_begin(self, title: str, total: int) -> None:
+        """The host's own progress bar starts (the WebUI's shared.state)."""
+
+    def progress_update(self, step: int, total: int, text: str) -> None:
+        pass
+
+    def progress_end(self) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        """The host's own Interrupt button was pressed."""
+        return False
+
+    def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run training holding the host's GPU lock, with its own model moved off the GPU meanwhile."""
+        return fn()

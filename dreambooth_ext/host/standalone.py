@@ -1,0 +1,67 @@
+"""The host of the standalone page (`./run.sh ui`): a local models folder and no WebUI around it.
+
+A tiny random-weight SD1 model is written into the checkpoint folder on first use, so someone
+without a GPU or a real checkpoint can try a whole training run on a CPU in a minute.
+"""
+
+import logging
+import threading
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+from dreambooth_ext.host.base import Host
+
+log = logging.getLogger("dreambooth_ext.standalone")
+
+TINY_NAME = "tiny-sd1.safetensors"
+CHECKPOINT_PATTERNS = ("*.safetensors", "*.ckpt")
+
+
+class StandaloneHost(Host):
+    name = "standalone"
+
+    def __init__(self, models_dir: Union[str, Path] = "models", offer_tiny: bool = True):
+        self._models = Path(models_dir).resolve()
+        self._offer_tiny = offer_tiny
+        self._active: Optional[str] = None
+        self._tiny_lock = threading.Lock()
+
+    def models_dir(self) -> Path:
+        return self._models
+
+    def tiny_checkpoint(self) -> Path:
+        """The built-in tiny model, written (about 2 s) the first time it is asked for."""
+        path = self.checkpoint_dir() / TINY_NAME
+        with self._tiny_lock:
+            if not path.is_file():
+                from dreambooth_ext.tiny import write_tiny_checkpoint
+
+                log.info(f"writing the built-in tiny model to {path}")
+                write_tiny_checkpoint("sd1", path)
+        return path
+
+    def list_checkpoints(self) -> List[Tuple[str, str]]:
+        """Every checkpoint under models/Stable-diffusion, titled by its path relative to that folder."""
+        if self._offer_tiny:
+            self.tiny_checkpoint()
+        root = self.checkpoint_dir()
+        found = {p for pattern in CHECKPOINT_PATTERNS for p in root.rglob(pattern)} if root.is_dir() else set()
+        return [(p.relative_to(root).as_posix(), str(p)) for p in sorted(found)]
+
+    def active_checkpoint(self) -> Optional[str]:
+        if self._active:
+            return self._active
+        return str(self.tiny_checkpoint()) if self._offer_tiny else None
+
+    def set_active_checkpoint(self, path: str) -> bool:
+        """There is no generation here: the checkpoint becomes the page's default source model."""
+        if not Path(path).is_file():
+            return False
+        self._active = str(Path(path).resolve())
+        return True
+
+    def progress_begin(self, title: str, total: int) -> None:
+        log.info(f"{title}: {total} steps")
+
+    def progress_end(self) -> None:
+        log.info("training ended")

@@ -1,0 +1,290 @@
+"""The WebUI adapter: the one module that imports the host's `modules.*`.
+
+One class serves A1111 v1.10.1, the Forge fork and SD.Next. The flavour is detected once and every
+difference between them sits here, each beside the host file it follows. Imports of `modules.*` happen
+inside methods, so importing this file never fails, even outside a WebUI.
+"""
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+
+from dreambooth_ext.host.base import Host
+
+T = TypeVar("T")
+
+A1111, FORGE, SDNEXT = "a1111", "forge", "sdnext"
+EXTENSION_DIR = Path(__file__).resolve().parents[2]
+SECTION = ("dreambooth", "DreamBooth")
+
+# key -> (default, label); shown in Settings > DreamBooth. Read with WebUIHost.option(key).
+SETTINGS = {
+    "dreambooth_workspace_dir": ("", "Folder for DreamBooth workspaces (class images, samples, resumable state); "
+                                     "empty: models/dreambooth"),
+    "dreambooth_data_dirs": ("", "Extra folders training may read and write, besides the models and extension "
+                                 "folders (comma or newline separated)"),
+    "dreambooth_unload_model": (True, "Move the WebUI's loaded checkpoint off the GPU while training"),
+    "dreambooth_offer_activate": (True, "Offer to make a newly trained checkpoint the active one"),
+}
+# Settings a caller of the WebUI's own /sdapi/v1/options must not change: they widen what our API may touch.
+API_RESTRICTED = {"dreambooth_data_dirs", "dreambooth_workspace_dir"}
+
+
+def _has_module(name: str) -> bool:
+    if name in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def detect_flavour() -> str:
+    """Forge ships the `modules_forge` package beside `modules`; SD.Next moved its checkpoint list into
+    `modules/sd_checkpoint.py`, which neither A1111 nor Forge has."""
+    if _has_module("modules_forge"):
+        return FORGE
+    if _has_module("modules.sd_checkpoint"):
+        return SDNEXT
+    return A1111
+
+
+def _m(name: str):
+    return importlib.import_module(f"modules.{name}")
+
+
+def _say(text: str) -> None:
+    print(f"[dreambooth] {text}", file=sys.stderr)
+
+
+def register_settings() -> None:
+    """Adds the DreamBooth section to the WebUI's settings (called from on_ui_settings)."""
+    shared = _m("shared")
+    for key, (default, label) in SETTINGS.items():
+        # SD.Next's OptionInfo takes **kwargs, so restrict_api is accepted there and ignored.
+        info = shared.OptionInfo(default, label, section=SECTION, restrict_api=key in API_RESTRICTED)
+        shared.opts.add_option(key, info)
+
+
+class WebUIHost(Host):
+    """The Host the tab and the API use inside a running WebUI."""
+
+    def __init__(self, flavour: Optional[str] = None):
+        self.flavour = flavour or detect_flavour()
+        self.name = self.flavour
+        self._progress_open = False
+
+    # --- settings and folders
+
+    def option(self, key: str, default=None):
+        """A WebUI setting; SD.Next does not copy defaults into opts.data, so fall back to the declared one."""
+        opts = _m("shared").opts
+        fallback = SETTINGS[key][0] if key in SETTINGS and default is None else default
+        try:
+            return getattr(opts, key)
+        except AttributeError:
+            return fallback
+
+    def models_dir(self) -> Path:
+        # modules/paths_internal.py: models_path honours --models-dir and --data-dir (same name in SD.Next)
+        return Path(_m("paths").models_path)
+
+    def checkpoint_dir(self) -> Path:
+        shared = _m("shared")
+        if self.flavour == SDNEXT:  # SD.Next keeps folders in settings (modules/shared.py "ckpt_dir")
+            folder = self.option("ckpt_dir", None)
+        else:  # modules/cmd_args.py: --ckpt-dir, None when not given
+            folder = getattr(shared.cmd_opts, "ckpt_dir", None)
+        return Path(folder) if folder else self.models_dir() / "Stable-diffusion"
+
+    def lora_dir(self) -> Path:
+        shared = _m("shared")
+        if self.flavour == SDNEXT:
+            folder = self.option("lora_dir", None)
+        else:  # extensions-builtin/Lora/preload.py adds --lora-dir (absent when that extension is disabled)
+            folder = getattr(shared.cmd_opts, "lora_dir", None)
+        return Path(folder) if folder else self.models_dir() / "Lora"
+
+    def workspace_root(self) -> Optional[Path]:
+        folder = str(self.option("dreambooth_workspace_dir") or "").strip()
+        return Path(folder) if folder else None
+
+    def data_dirs(self) -> List[Path]:
+        text = str(self.option("dreambooth_data_dirs") or "")
+        return [Path(p.strip()) for p in re.split(r"[,\n]", text) if p.strip()]
+
+    def allowed_roots(self) -> List[Path]:
+        """Folders the API may read and write: the WebUI's model folders, ours, and those set in Settings."""
+        roots = [self.models_dir(), self.checkpoint_dir(), self.lora_dir(), EXTENSION_DIR]
+        root = self.workspace_root()
+        return roots + ([root] if root else []) + self.data_dirs()
+
+    # --- API switches
+
+    def api_enabled(self) -> bool:
+        # webui.py: --api adds the API to the UI, --nowebui serves only the API; SD.Next's --api defaults to True
+        cmd = _m("shared").cmd_opts
+        return bool(getattr(cmd, "api", False) or getattr(cmd, "nowebui", False) or getattr(cmd, "api_only", False))
+
+    def api_credentials(self) -> Dict[str, str]:
+        """user -> password the WebUI's own API accepts; empty when its API is open."""
+        cmd = _m("shared").cmd_opts
+        entries = []
+        # modules/api/api.py: Api.__init__ reads --api-auth "u1:p1,u2:p2" (A1111, Forge)
+        entries += str(getattr(cmd, "api_auth", None) or "").split(",")
+        if self.flavour == SDNEXT:  # SD.Next's Api.__init__ reads --auth and --auth-file instead
+            entries += str(getattr(cmd, "auth", None) or "").split(",")
+            auth_file = getattr(cmd, "auth_file", None)
+            if auth_file and os.path.isfile(auth_file):
+                with open(auth_file, encoding="utf8") as f:
+                    entries += f.read().splitlines()
+        creds = {}
+        for entry in entries:
+            user, sep, password = entry.partition(":")
+            if sep:
+                creds[user.replace('"', "").strip()] = password.replace('"', "").strip()
+        return creds
+
+    # --- checkpoints
+
+    def _checkpoints(self) -> list:
+        return list(_m("sd_models").checkpoints_list.values())
+
+    def list_checkpoints(self) -> List[Tuple[str, str]]:
+        # modules/sd_models.py: checkpoints_list maps title -> CheckpointInfo (SD.Next: modules/sd_checkpoint.py)
+        return [(info.title, info.filename) for info in self._checkpoints()]
+
+    def refresh_checkpoints(self) -> None:
+        # modules/shared_items.py: refresh_checkpoints() is sd_models.list_models() in all three hosts
+        _m("sd_models").list_models()
+
+    def active_checkpoint(self) -> Optional[str]:
+        sd_models, shared = _m("sd_models"), _m("shared")
+        # model_data.sd_model, not shared.sd_model: A1111's shared.sd_model loads a model when none is loaded.
+        # Forge starts with a FakeInitialModel that has no sd_checkpoint_info.
+        model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+        info = getattr(model, "sd_checkpoint_info", None)
+        if info is None:
+            title = shared.opts.data.get("sd_model_checkpoint")
+            info = getattr(sd_models, "checkpoint_aliases", {}).get(title) if title else None
+        if info is None:
+            try:  # A1111 raises FileNotFoundError without checkpoints; Forge and SD.Next return None
+                info = sd_models.select_checkpoint()
+            except Exception:
+                info = None
+        return getattr(info, "filename", None)
+
+    def _info_for(self, path: str):
+        want = os.path.normcase(os.path.abspath(path))
+        for info in self._checkpoints():
+            if os.path.normcase(os.path.abspath(info.filename)) == want:
+                return info
+        return None
+
+    def set_active_checkpoint(self, path: str) -> bool:
+        info = self._info_for(path)
+        if info is None:
+            self.refresh_checkpoints()
+            info = self._info_for(path)
+        if info is None:
+            return False
+        shared = _m("shared")
+        if self.flavour == FORGE:
+            # modules_forge/main_entry.py: checkpoint_change() sets the option and Forge's loading parameters;
+            # Forge loads the model at the next generation (its sd_models.load_model is a stub).
+            importlib.import_module("modules_forge.main_entry").checkpoint_change(info.title)
+            return True
+        # A1111 initialize_util.py / SD.Next webui.py: the option's onchange reloads the weights under the queue lock
+        if not shared.opts.set("sd_model_checkpoint", info.title):
+            with self._queue_lock():  # already selected: make sure it is the loaded one
+                _m("sd_models").reload_model_weights(info=info)
+        try:
+            shared.opts.save(shared.config_filename)
+        except Exception as e:  # the checkpoint is active; only remembering it across restarts failed
+            _say(f"could not save the settings file: {e}")
+        return True
+
+    # --- progress (modules/shared_state.py: State)
+
+    def progress_begin(self, title: str, total: int) -> None:
+        state = _m("shared").state
+        # positional: A1111/Forge name it begin(job=...), SD.Next begin(title=..., api=None)
+        state.begin(f"dreambooth: {title}")
+        self._progress_open = True
+        # modules/progress.py: progress = job_no/job_count + sampling_step/sampling_steps/job_count
+        state.job_count, state.job_no = 1, 0
+        state.sampling_steps, state.sampling_step = max(int(total), 1), 0
+        state.textinfo = f"Training {title}"
+
+    def progress_update(self, step: int, total: int, text: str) -> None:
+        state = _m("shared").state
+        state.sampling_steps, state.sampling_step = max(int(total), 1), int(step)
+        state.textinfo = text
+
+    def progress_end(self) -> None:
+        if self._progress_open:  # State.end() reads time_start, which only begin() sets
+            self._progress_open = False
+            _m("shared").state.end()
+
+    def interrupted(self) -> bool:
+        return bool(getattr(_m("shared").state, "interrupted", False))
+
+    # --- the GPU
+
+    def _queue_lock(self):
+        # modules/call_queue.py: queue_lock (A1111/Forge: fifo_lock.FIFOLock, SD.Next: threading.Lock);
+        # txt2img and img2img hold it while they run.
+        try:
+            return _m("call_queue").queue_lock
+        except (ImportError, AttributeError):
+            _say("the WebUI has no queue lock; training may run beside image generation")
+            return _nolock()
+
+    def run_exclusive(self, fn: Callable[[], T]) -> T:
+        with self._queue_lock():
+            moved = self._offload() if self.option("dreambooth_unload_model") else None
+            try:
+                return fn()
+            finally:
+                self._restore(moved)
+
+    def _offload(self):
+        """Frees the GPU of the WebUI's model; returns what _restore needs to bring it back."""
+        sd_models = _m("sd_models")
+        if self.flavour == FORGE:
+            # modules/sd_models.py (Forge): unload_model_weights() is backend.memory_management.unload_all_models()
+            sd_models.unload_model_weights()
+            return None
+        model = getattr(sd_models.model_data, "sd_model", None)
+        if model is None:
+            return None
+        if self.flavour == SDNEXT:
+            sd_models.unload_model_weights(op="model")  # SD.Next drops the pipeline; it is reloaded after
+        else:
+            # A1111 ui_settings.py "Unload SD checkpoint to RAM": send_model_to_cpu, lowvram-aware
+            sd_models.unload_model_weights(model)
+        return model
+
+    def _restore(self, model) -> None:
+        """Never raises: the training's own result or error matters more than the reload."""
+        if model is None:  # Forge moves its models back to the GPU by itself at the next generation
+            return
+        sd_models = _m("sd_models")
+        try:
+            if self.flavour == SDNEXT:
+                sd_models.reload_model_weights()
+            else:  # A1111 ui_settings.py "Load SD checkpoint to VRAM"
+                sd_models.send_model_to_device(model)
+        except Exception as e:
+            _say(f"could not move the WebUI's checkpoint back to the GPU ({e}); reload it in Settings > Actions.")
+
+
+@contextmanager
+def _nolock() -> Iterator[None]:
+    yield
+

@@ -1,0 +1,259 @@
+"""What the tab's buttons do, as plain functions of plain values: testable without a browser or gradio.
+
+Form values travel as the dict described in `form.py`; the checkpoint is shown by its title in
+the host's list and stored in the config as a path. Training runs in the job runner's thread,
+inside `host.run_exclusive` and reporting to the host's own progress bar.
+"""
+
+import html
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from dreambooth_ext.errors import UserError
+from dreambooth_ext.host.base import Host
+from dreambooth_ext.jobs import RUNNER, JobRunner, JobState, host_hooks, status_text
+from dreambooth_ext.train.config import TrainConfig, describe, load_config, recommended, save_config, validate
+from dreambooth_ext.train.state import read_progress
+from dreambooth_ext.ui.form import config_to_form, default_form, form_to_dict
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class Reply:
+    """A one-paragraph answer to a button; ok=False shows it as an error."""
+
+    text: str
+    ok: bool = True
+
+
+@dataclass
+class View:
+    """What a poll shows. `key` changes whenever anything but the status line changed."""
+
+    key: str
+    running: bool
+    status: str
+    losses: List[List[float]] = field(default_factory=list)
+    samples: List[Tuple[str, str]] = field(default_factory=list)  # (path, caption), newest first
+    outputs: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    error: str = ""
+    finished: bool = False  # ended with a checkpoint to offer as the active one
+
+
+class Handlers:
+    def __init__(self, host: Host, runner: Optional[JobRunner] = None):
+        self.host = host
+        self.runner = runner or RUNNER
+
+    # --- the checkpoint list
+    def checkpoint_titles(self) -> List[str]:
+        return [title for title, _ in self.host.list_checkpoints()]
+
+    def checkpoint_path(self, title: str) -> str:
+        """A title from the dropdown as a path; anything else is taken as a path typed in."""
+        for t, path in self.host.list_checkpoints():
+            if t == title:
+                return str(path)
+        return title or ""
+
+    def checkpoint_title(self, path: str) -> str:
+        if not path:
+            return ""
+        for title, p in self.host.list_checkpoints():
+            if title == path or _same_file(p, path):
+                return title
+        return path
+
+    def refresh(self) -> List[str]:
+        self.host.refresh_checkpoints()
+        return self.checkpoint_titles()
+
+    def initial_form(self) -> Dict[str, Any]:
+        form = default_form()
+        form["checkpoint"] = self.checkpoint_title(self.host.active_checkpoint() or "")
+        return form
+
+    # --- form <-> config
+    def config(self, form: Dict[str, Any], extras: Sequence[Dict[str, Any]] = ()) -> TrainConfig:
+        data = form_to_dict(form, extras)
+        data["checkpoint"] = self.checkpoint_path(data.get("checkpoint", ""))
+        folders = {"models_dir": self.host.models_dir(), "checkpoint_dir": self.host.checkpoint_dir(),
+                   "lora_dir": self.host.lora_dir()}
+        known = {s.name for s in describe(TrainConfig)}
+        data.update({k: str(v) for k, v in folders.items() if k in known})  # results go where the host looks
+        return load_config(data)
+
+    def form_of(self, cfg: TrainConfig) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        form, extras = config_to_form(cfg)
+        form["checkpoint"] = self.checkpoint_title(cfg.checkpoint)
+        return form, extras
+
+    def default_config_path(self, form: Dict[str, Any]) -> str:
+        name = str(form.get("name") or "").strip() or "dreambooth"
+        return str(self.host.models_dir() / "dreambooth" / name / "config.json")
+
+    def save(self, form: Dict[str, Any], extras: Sequence[Dict[str, Any]], path: str) -> Tuple[Reply, str]:
+        """Write the form as a JSON config; an empty path means the run's workspace."""
+        path = (path or "").strip() or self.default_config_path(form)
+        try:
+            written = save_config(self.config(form, extras), path)
+        except (UserError, OSError) as e:
+            return Reply(f"Not saved: {e}", ok=False), path
+        return Reply(f"Saved the settings to {written}."), str(written)
+
+    def load(self, path: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]], Reply]:
+        """The form and extra concepts of a JSON config, or None and the reason."""
+        path = (path or "").strip()
+        if not path:
+            return None, [], Reply("Enter the path of a JSON config file to load.", ok=False)
+        try:
+            cfg = load_config(path)
+        except UserError as e:
+            return None, [], Reply(str(e), ok=False)
+        form, extras = self.form_of(cfg)
+        more = f" {len(extras)} more concepts from the file are kept but not shown." if extras else ""
+        return form, extras, Reply(f"Loaded {path}.{more}")
+
+    def recommend(self, form: Dict[str, Any], family: str, mode: str,
+                  vram_gb: Optional[float]) -> Tuple[Dict[str, Any], Reply]:
+        """The form with recommended() applied; the reply lists what changed."""
+        vram = float(vram_gb) if vram_gb not in (None, "") else None
+        try:
+            changes = recommended(family, mode, vram, have_bitsandbytes=_have("bitsandbytes"))
+        except UserError as e:
+            return form, Reply(str(e), ok=False)
+        new = dict(form)
+        changed = []
+        for name, value in changes.items():
+            if new.get(name) != value:
+                changed.append(f"{name} = {value}")
+            new[name] = value
+        memory = f"{vram:g} GB" if vram is not None else "unknown GPU memory"
+        what = ", ".join(changed) if changed else "nothing needed changing"
+        note = " (full training does not fit: switched to LoRA)" if mode == "full" and changes["train_mode"] == "lora" else ""
+        return new, Reply(f"Recommended for {family}, {mode} training, {memory}{note}: {what}.")
+
+    # --- training
+    def train(self, form: Dict[str, Any], extras: Sequence[Dict[str, Any]] = (), resume: bool = False) -> Reply:
+        """Start a job from the form; a job already running gets the runner's message, not a second job."""
+        try:
+            cfg = self.config(form, extras)
+            validate(load_config(cfg))  # a copy: hard errors now; warnings come through the job
+            saved = read_progress(cfg.workspace_path())
+            on_event, around = host_hooks(self.host, f"DreamBooth: {cfg.name}", cfg.max_steps)
+            self.runner.start(cfg, on_event=on_event, around=around)
+        except UserError as e:
+            return Reply(str(e), ok=False)
+        return Reply(_start_text(cfg, saved, resume))
+
+    def interrupt(self) -> Reply:
+        if self.runner.cancel():
+            return Reply("Stopping after this step; the state is saved. Press Resume to go on.")
+        return Reply("Nothing is training.", ok=False)
+
+    # --- reading the job
+    def poll(self) -> View:
+        job = self.runner.current
+        if job is None:
+            return View(key="idle", running=False, status="Idle: fill in a concept and press Train.")
+        s = job.snapshot()
+        running = s.status in ("starting", "running")
+        key = f"{id(job)}:{s.status}:{len(s.losses)}:{len(s.samples)}:{len(s.outputs)}:{len(s.warnings)}"
+        samples = [(p, _sample_caption(p)) for p in reversed(s.samples)]
+        finished = s.status == "finished" and bool(self._checkpoints(s))
+        return View(key=key, running=running, status=status_text(s), losses=s.losses, samples=samples,
+                    outputs=[p for p in s.outputs if not p.endswith(".yaml")], warnings=s.warnings,
+                    error=s.error, finished=finished)
+
+    def _checkpoints(self, s: JobState) -> List[str]:
+        return [p for p in s.outputs if p.endswith(CHECKPOINT_SUFFIXES) and not _inside(p, self.host.lora_dir())]
+
+    def activate(self) -> Reply:
+        """Make the last finished job's checkpoint the host's active one."""
+        job = self.runner.current
+        found = self._checkpoints(job.snapshot()) if job is not None else []
+        if not found:
+            return Reply("No trained checkpoint to load yet.", ok=False)
+        path = found[-1]
+        self.host.refresh_checkpoints()
+        if self.host.set_active_checkpoint(path):
+            return Reply(f"{Path(path).name} is now the active checkpoint.")
+        return Reply(f"This host cannot switch checkpoints; pick {Path(path).name} in its checkpoint list.", ok=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def _start_text(cfg: TrainConfig, saved, resume: bool) -> str:
+    if saved is not None and saved.step >= cfg.max_steps:
+        return (f"'{cfg.name}' already reached step {saved.step}; its files are written again. Raise the steps "
+                "to train on, or choose another name to start afresh.")
+    if saved is not None and saved.step > 0:
+        return f"Resuming '{cfg.name}' from its saved step {saved.step} of {cfg.max_steps}."
+    if resume:
+        return f"Nothing saved for '{cfg.name}' yet, so it starts from the beginning."
+    return f"Training '{cfg.name}' for {cfg.max_steps} steps."
+
+
+def _sample_caption(path: str) -> str:
+    """Samples live at .../step_000020/<index>-<seed>.png: 'step 20', then '#2' for a second image."""
+    p = Path(path)
+    step = re.fullmatch(r"step_0*(\d+)", p.parent.name)
+    index = re.fullmatch(r"(\d+)-\d+", p.stem)
+    if not step:
+        return p.name
+    return f"step {step.group(1)}" + (f" #{int(index.group(1)) + 1}" if index and int(index.group(1)) else "")
+
+
+def view_html(view: View) -> str:
+    """The status line; its `dreambooth-running` class tells javascript/dreambooth.js to keep polling."""
+    css = "dreambooth-status-line" + (" dreambooth-running" if view.running else "")
+    parts = [f'<div class="{css}">{html.escape(view.status)}</div>']
+    if view.error:
+        parts.append(f'<div class="dreambooth-error">{html.escape(view.error)}</div>')
+    for w in view.warnings[-5:]:
+        parts.append(f'<div class="dreambooth-warning">{html.escape(w)}</div>')
+    return "".join(parts)
+
+
+def outputs_html(paths: Sequence[str], lora_dir: Path) -> str:
+    if not paths:
+        return '<div class="dreambooth-outputs">No files written yet.</div>'
+    items = []
+    for p in paths:
+        use = (f" &mdash; use it in a prompt as <code>&lt;lora:{html.escape(Path(p).stem)}:1&gt;</code>"
+               if _inside(p, lora_dir) else "")
+        items.append(f"<li><code>{html.escape(p)}</code>{use}</li>")
+    return f'<ul class="dreambooth-outputs">{"".join(items)}</ul>'
+
+
+def reply_html(reply: Optional[Reply]) -> str:
+    if reply is None or not reply.text:
+        return ""
+    css = "dreambooth-message" + ("" if reply.ok else " dreambooth-error")
+    return f'<div class="{css}">{html.escape(reply.text)}</div>'
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _inside(path, folder) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False

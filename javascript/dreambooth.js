@@ -1,0 +1,38 @@
+// DreamBooth tab: keep the status, loss plot and samples fresh while a training job runs.
+// The tab has a hidden "poll" button; clicking it asks the server for the job's state. We click it
+// once when the page is up (a job may already run) and then every second while the status line
+// carries the `dreambooth-running` class. The WebUI loads this file itself; the standalone page
+// runs it on load.
+(function () {
+    const POLL_MS = 1000;
+
+    // the WebUI's gradioApp() where there is one; on the standalone page, the same lookup by hand
+    function root() {
+        if (typeof gradioApp === "function") return gradioApp();
+        const app = document.querySelector("gradio-app");
+        return app && app.shadowRoot ? app.shadowRoot : document;
+    }
+
+    function pollButton(app) {
+        const el = app.querySelector("#dreambooth_poll");
+        if (!el) return null;
+        return el.tagName === "BUTTON" ? el : el.querySelector("button");
+    }
+
+    let polledOnce = false;
+
+    function tick() {
+        const app = root();
+        const button = pollButton(app);
+        if (!button) return;
+        const running = app.querySelector("#dreambooth_status .dreambooth-running") !== null;
+        if (running || !polledOnce) {
+            polledOnce = true;
+            button.click();
+        }
+    }
+
+    if (!window.dreamboothPolling) {  // the standalone page may run this file a second time
+        window.dreamboothPolling = setInterval(tick, POLL_MS);
+    }
+})();

@@ -1,0 +1,267 @@
+"""The DreamBooth tab without a browser: it builds, its form round-trips a config, and its handlers train.
+
+Runs under gradio 3.41 (A1111) and 4.40 (Forge) alike.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from dreambooth_ext.host.base import Host  # noqa: E402
+from dreambooth_ext.jobs import JobRunner  # noqa: E402
+from dreambooth_ext.plot import loss_plot  # noqa: E402
+from dreambooth_ext.train.config import Concept, TrainConfig, describe, to_dict, validate  # noqa: E402
+from dreambooth_ext.ui import form as F  # noqa: E402
+from dreambooth_ext.ui.handlers import Handlers, status_text  # noqa: E402
+from dreambooth_ext.ui.tab import Tab, build_tab  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "dreambooth_ext" / "data" / "demo" / "instance"
+WIDGETS = {"checkbox": gr.Checkbox, "dropdown": gr.Dropdown, "slider": gr.Slider, "number": gr.Number,
+           "text": gr.Textbox, "lines": gr.Textbox, "csv": gr.Textbox}
+
+
+class FakeHost(Host):
+    """A host that records what the tab asks of it."""
+
+    name = "fake"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.calls = []
+        self.active = None
+        self.on_progress = None  # called with the step from progress_update, in the training thread
+
+    def models_dir(self):
+        return self.root
+
+    def list_checkpoints(self):
+        return [(p.name, str(p)) for p in sorted(self.checkpoint_dir().glob("*.safetensors"))]
+
+    def active_checkpoint(self):
+        return self.active
+
+    def refresh_checkpoints(self):
+        self.calls.append(("refresh",))
+
+    def set_active_checkpoint(self, path):
+        self.calls.append(("activate", path))
+        self.active = path
+        return True
+
+    def progress_begin(self, title, total):
+        self.calls.append(("begin", title, total))
+
+    def progress_update(self, step, total, text):
+        self.calls.append(("update", step, total, text))
+        if self.on_progress:
+            self.on_progress(step)
+
+    def progress_end(self):
+        self.calls.append(("end",))
+
+    def run_exclusive(self, fn):
+        self.calls.append(("exclusive",))
+        return fn()
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    from dreambooth_ext.tiny import write_tiny_checkpoint
+
+    h = FakeHost(tmp_path_factory.mktemp("models"))
+    write_tiny_checkpoint("sd1", h.checkpoint_dir() / "tiny-sd1.safetensors")
+    h.active = str(h.checkpoint_dir() / "tiny-sd1.safetensors")
+    return h
+
+
+def odd_config() -> TrainConfig:
+    """A config whose every setting differs from its default, with more concepts than boxes."""
+    concepts = [Concept(instance_dir=f"/data/c{i}", instance_prompt=f"a photo of sks{i} dog",
+                        caption_mode="filewords", instance_token=f"sks{i}", class_prompt="a photo of a dog",
+                        class_dir=f"/data/class{i}", num_class_images=7 + i) for i in range(F.CONCEPT_BOXES + 2)]
+    return TrainConfig(
+        checkpoint="/m/base.safetensors", name="odd", workspace_dir="/w", family="sd2", concepts=concepts,
+        class_image_steps=11, class_image_guidance=5.5, class_image_batch_size=2, class_image_negative_prompt="blurry",
+        train_mode="lora", resolution=768, max_steps=1234, train_batch_size=2, gradient_accumulation_steps=3,
+        seed=99, prior_loss_weight=0.5, min_snr_gamma=5.0, offset_noise=0.05, bucketing=False, bucket_step=32,
+        bucket_upscale=True, center_crop=False, hflip=True, use_ema=True, ema_decay=0.999,
+        optimizer="adafactor", learning_rate=3e-6, lora_learning_rate=2e-4, adam_beta1=0.8, adam_beta2=0.99,
+        adam_epsilon=1e-7, weight_decay=0.0, max_grad_norm=0.5, lr_scheduler="cosine", lr_warmup_steps=10,
+        lr_num_cycles=2, lr_power=2.0, lora_rank=8, lora_alpha=4.0, lora_targets="attention_ff",
+        init_lora="/l/start.safetensors", text_encoder_mode="lora", text_encoder_lr=2e-6,
+        text_encoder_lora_lr=1e-5, text_encoder_stop_step=100, mixed_precision="bf16", attention="sdpa",
+        gradient_checkpointing=True, cache_latents=False, cache_text_embeddings=False, dataloader_workers=2,
+        sample_every=50, sample_prompts=["a sks0 dog on a beach", "a sks1 dog, oil painting"],
+        sample_negative_prompt="ugly", sample_seeds=[1, 2, 3], num_sample_images=3, sample_steps=12,
+        sample_guidance=6.0, save_model_every=500, save_state_every=250, save_format="ckpt", save_dtype="bf16",
+        save_lora_merged=True)
+
+
+def test_odd_config_changes_every_setting():
+    cfg, default = to_dict(odd_config()), to_dict(TrainConfig())
+    same = [k for k in default if k not in F.HOST_SETTINGS and cfg[k] == default[k]]
+    assert same == [], "extend odd_config() so the round trip covers these settings"
+
+
+def test_tab_builds_with_a_widget_per_setting(host):
+    tab = Tab(host)
+    blocks = tab.build()
+    assert isinstance(blocks, gr.Blocks)
+    assert [k for k, _ in F.form_settings()] == sorted(tab.form.keys, key=[k for k, _ in F.form_settings()].index)
+    assert set(tab.form.keys) == {k for k, _ in F.form_settings()}
+    for key, component in tab.form.components.items():
+        if key != "checkpoint":
+            assert isinstance(component, WIDGETS[F.widget_kind(tab.form.settings[key])]), key
+        assert component.elem_id.startswith("dreambooth_"), key
+    ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    for needed in ("train", "interrupt", "resume", "status", "poll", "loss_plot", "samples", "outputs", "activate",
+                   "save", "load", "config_path", "recommend", "refresh", "checkpoint", "concept4_instance_dir"):
+        assert "dreambooth_" + needed in ids, needed
+    assert tab.checkpoint.value == "tiny-sd1.safetensors"  # the host's active checkpoint
+    assert tab.checkpoint.choices and "tiny-sd1.safetensors" in str(tab.checkpoint.choices)
+    assert isinstance(build_tab(host), gr.Blocks)
+
+
+def test_widget_kinds_follow_describe():
+    kinds = {s.name: F.widget_kind(s) for s in describe(TrainConfig)}
+    assert kinds["bucketing"] == "checkbox" and kinds["optimizer"] == "dropdown"
+    assert kinds["resolution"] == "slider" and kinds["max_steps"] == "number" and kinds["seed"] == "number"
+    assert kinds["learning_rate"] == "number" and kinds["sample_prompts"] == "lines" and kinds["sample_seeds"] == "csv"
+    assert F.label_for("lora_learning_rate") == "LoRA learning rate"
+
+
+def test_form_round_trips_a_config():
+    cfg = odd_config()
+    form, extras = F.config_to_form(cfg)
+    assert len(extras) == 2 and form["concept4.instance_dir"] == "/data/c3"
+    assert form["sample_prompts"] == "a sks0 dog on a beach\na sks1 dog, oil painting"
+    assert form["sample_seeds"] == "1, 2, 3"
+    back = F.form_to_config(form, extras)
+    assert to_dict(back) == to_dict(cfg)
+    assert F.config_to_form(back) == (form, extras)  # values -> config -> values
+
+
+def test_form_reads_widget_values_as_typed_in():
+    form = F.default_form()
+    form.update({"max_steps": 40.0, "resolution": 128.0, "sample_seeds": "5,6  7", "sample_prompts": "\n a \n\n b\n",
+                 "concept2.instance_dir": "/x", "concept2.instance_prompt": "a sks thing"})
+    cfg = F.form_to_config(form)
+    assert cfg.max_steps == 40 and cfg.resolution == 128 and cfg.sample_seeds == [5, 6, 7]
+    assert cfg.sample_prompts == ["a", "b"]
+    assert [c.instance_dir for c in cfg.concepts] == ["/x"]  # empty boxes are left out
+    form["max_steps"] = "many"
+    with pytest.raises(Exception, match="max_steps"):
+        F.form_to_config(form)
+
+
+def test_save_and_load_config(host, tmp_path):
+    h = Handlers(host, JobRunner())
+    form, extras = h.form_of(odd_config())
+    reply, path = h.save(form, extras, str(tmp_path / "cfg.json"))
+    assert reply.ok and Path(path).is_file()
+    saved = json.loads(Path(path).read_text())
+    assert saved["models_dir"] == str(host.models_dir())  # the host's folders, whatever the form held
+    if "checkpoint_dir" in saved:
+        assert saved["checkpoint_dir"] == str(host.checkpoint_dir()) and saved["lora_dir"] == str(host.lora_dir())
+    loaded, loaded_extras, reply = h.load(path)
+    assert reply.ok and loaded == form and loaded_extras == extras and "2 more concepts" in reply.text
+
+    reply, path = h.save(form, extras, "")  # empty: the run's workspace
+    assert reply.ok and path == str(host.models_dir() / "dreambooth" / "odd" / "config.json")
+    for bad in ("", str(tmp_path / "missing.json")):
+        assert h.load(bad)[0] is None and not h.load(bad)[2].ok
+    (tmp_path / "broken.json").write_text("{nope")
+    loaded, _, reply = h.load(str(tmp_path / "broken.json"))
+    assert loaded is None and "not valid JSON" in reply.text
+
+
+def test_recommended_fills_valid_values(host):
+    h = Handlers(host, JobRunner())
+    form = h.initial_form()
+    form.update({"name": "rec", "concept1.instance_dir": str(DEMO), "concept1.instance_prompt": "a sks_pixarstyle toy"})
+    for family in ("sd1", "sd2-v", "sdxl"):
+        for mode in ("full", "lora"):
+            for vram in (6, 12, 24, 80, None):
+                filled, reply = h.recommend(form, family, mode, vram)
+                assert reply.ok, reply.text
+                validate(h.config(filled))
+    filled, reply = h.recommend(form, "sd1", "full", 8)
+    assert filled["train_mode"] == "lora" and "switched to LoRA" in reply.text
+    assert filled["gradient_checkpointing"] is True
+    assert not h.recommend(form, "sd9", "full", 8)[1].ok
+
+
+def test_status_text_and_plot():
+    from dreambooth_ext.jobs import JobState
+
+    s = JobState(name="x", status="running", stage="training on cpu", step=12, total=40, loss=0.5454, eta_seconds=67)
+    assert status_text(s) == "running · training on cpu · step 12/40 · loss 0.5454 · ETA 1:07"
+    img = loss_plot([[1, 2.0], [2, 1.5], [3, 1.7], [4, 0.9]])
+    assert img.size == (560, 220) and len(set(img.getdata())) > 3  # something is drawn
+    assert loss_plot([]).size == (560, 220)
+
+
+def _wait(runner, seconds=150):
+    deadline = time.time() + seconds
+    while not runner.current.done:
+        assert time.time() < deadline, runner.current.snapshot()
+        time.sleep(0.1)
+    return runner.current.snapshot()
+
+
+def test_train_interrupt_resume_through_the_handlers(host):
+    runner = JobRunner()
+    h = Handlers(host, runner)
+    tab = Tab(host, h)
+    tab.build()
+    form = h.initial_form()
+    form.update({"name": "tabtest", "concept1.instance_dir": str(DEMO),
+                 "concept1.instance_prompt": "a sks_pixarstyle character",
+                 "concept1.class_prompt": "a pixar-style character", "concept1.num_class_images": 2,
+                 "class_image_steps": 2, "resolution": 64, "max_steps": 8, "learning_rate": 1e-3,
+                 "sample_every": 4, "sample_steps": 2, "num_sample_images": 1})
+    interrupts = []
+
+    def interrupt_at_3(step):
+        if step >= 3 and not interrupts:
+            interrupts.append(h.interrupt())
+
+    refused = h.train({**form, "name": ""})  # checked before any job starts
+    assert not refused.ok and "'name' is empty" in refused.text and runner.current is None
+    host.on_progress = interrupt_at_3
+    reply = h.train(form)
+    assert reply.ok, reply.text
+    busy = h.train(form)  # the first job is still loading its model
+    assert not busy.ok and "is training now" in busy.text
+    state = _wait(runner)
+    assert state.status == "cancelled" and state.step == 3, state
+    assert interrupts[0].ok and "Resume" in interrupts[0].text
+    assert ("exclusive",) in host.calls and ("begin", "DreamBooth: tabtest", 8) in host.calls
+    assert ("end",) in host.calls
+    steps = [c[1] for c in host.calls if c[0] == "update"]
+    assert steps and steps == sorted(steps) and max(steps) == 3
+
+    host.on_progress = None
+    host.calls.clear()
+    reply = h.train(form, resume=True)
+    assert reply.ok and "from its saved step 3" in reply.text, reply.text
+    state = _wait(runner)
+    assert state.status == "finished" and state.step == 8, state
+    written = host.checkpoint_dir() / "tabtest_8.safetensors"
+    assert written.is_file() and str(written) in state.outputs
+    assert ("refresh",) in host.calls and "tabtest_8.safetensors" in h.checkpoint_titles()
+    assert state.samples and all(Path(p).is_file() for p in state.samples)
+
+    view = h.poll()
+    assert view.finished and not view.running and view.samples[0][1].startswith("step 8")
+    polled = tab._poll("", "tiny-sd1.safetensors")
+    assert "finished" in polled[0] and "tabtest_8.safetensors" in str(polled[5])  # the refreshed dropdown
+    assert polled[5]["value"] == "tiny-sd1.safetensors"
+    assert tab._poll(polled[-1], "tiny-sd1.safetensors")[1] == gr.update()  # nothing new: the plot is not sent again
+    reply = h.activate()
+    assert reply.ok and host.active == str(written)
+    assert not h.interrupt().ok  # nothing runs now
