@@ -6,7 +6,6 @@ Usage: ./run.sh bench convert_sd15 [--dtype fp16|fp32] [--dir DIR] [--keep]
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile

@@ -18,7 +18,8 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from dreambooth_ext import jobs
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.config import load_config, validate
+from dreambooth_ext.train.config import load_config
+from dreambooth_ext.train.config_checks import validate
 
 PREFIX = "/dreambooth/v1"
 PATH_FIELDS = ("checkpoint", "models_dir", "workspace_dir", "init_lora")

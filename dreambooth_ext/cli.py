@@ -38,7 +38,7 @@ def _convert(args) -> int:
 def _train(args) -> int:
     import signal
 
-    from dreambooth_ext.train.config import config_from_args
+    from dreambooth_ext.train.config_cli import config_from_args
     from dreambooth_ext.train.reporter import ConsoleReporter
     from dreambooth_ext.train.run import train
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     conv.set_defaults(run=_convert)
 
-    from dreambooth_ext.train.config import add_arguments
+    from dreambooth_ext.train.config_cli import add_arguments
 
     tr = sub.add_parser("train", help="DreamBooth-train a checkpoint on your images (see --help)")
     add_arguments(tr)

@@ -155,7 +155,7 @@ def single_file_from_models(fam: dict, models: Dict[str, torch.nn.Module], path,
     from safetensors.torch import save_file
 
     from dreambooth_ext.bridge.diffusers_folder import EXTRAS
-    from dreambooth_ext.bridge.ldm_yaml import generate_yaml
+    from dreambooth_ext.bridge.ldm_yaml_write import generate_yaml
     from dreambooth_ext.bridge.to_single import diffusers_to_single_file
 
     path = Path(path)

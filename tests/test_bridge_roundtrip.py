@@ -76,7 +76,7 @@ def test_legacy_text_encoder_keys_and_missing_position_ids(tiny_checkpoints, tmp
 
 def test_inpainting_checkpoint_keeps_nine_channels(tmp_path):
     from dreambooth_ext.tiny import build_models, save_diffusers, tiny_family
-    from dreambooth_ext.bridge.ldm_yaml import generate_yaml
+    from dreambooth_ext.bridge.ldm_yaml_write import generate_yaml
 
     fam = tiny_family("sd2")
     fam["unet"]["in_channels"] = 9

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dreambooth_ext.bridge.ldm_yaml import generate_yaml, parse_yaml
+from dreambooth_ext.bridge.ldm_yaml import parse_yaml
+from dreambooth_ext.bridge.ldm_yaml_write import generate_yaml
 from dreambooth_ext.errors import UserError
 
 FAMILIES = Path(__file__).resolve().parent.parent / "dreambooth_ext" / "data" / "families"

@@ -14,7 +14,8 @@ gr = pytest.importorskip("gradio")
 from dreambooth_ext.host.base import Host  # noqa: E402
 from dreambooth_ext.jobs import JobRunner  # noqa: E402
 from dreambooth_ext.plot import loss_plot  # noqa: E402
-from dreambooth_ext.train.config import Concept, TrainConfig, describe, to_dict, validate  # noqa: E402
+from dreambooth_ext.train.config import Concept, TrainConfig, describe, to_dict  # noqa: E402
+from dreambooth_ext.train.config_checks import validate  # noqa: E402
 from dreambooth_ext.ui import form as F  # noqa: E402
 from dreambooth_ext.ui.handlers import Handlers, status_text  # noqa: E402
 from dreambooth_ext.ui.tab import Tab, build_tab  # noqa: E402

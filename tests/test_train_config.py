@@ -7,10 +7,10 @@ import json
 import pytest
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.config import (
-    GROUPS, Concept, TrainConfig, add_arguments, config_from_args, describe, load_config, recommended,
-    save_config, to_dict, validate,
-)
+from dreambooth_ext.train.config import GROUPS, Concept, TrainConfig, describe, load_config, save_config, to_dict
+from dreambooth_ext.train.config_checks import validate
+from dreambooth_ext.train.config_cli import add_arguments, config_from_args
+from dreambooth_ext.train.recommend import recommended
 
 
 def good_config(**overrides) -> TrainConfig:

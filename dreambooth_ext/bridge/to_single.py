@@ -152,7 +152,7 @@ def _write_beside_yaml(dst: Path, fam: dict, sidecar: dict) -> Optional[Path]:
     if sidecar.get("yaml_text"):
         text = sidecar["yaml_text"]
     elif fam["family"] == "sd2-v" or not is_standard(fam):
-        from dreambooth_ext.bridge.ldm_yaml import generate_yaml
+        from dreambooth_ext.bridge.ldm_yaml_write import generate_yaml
 
         text = generate_yaml(fam)
     else:

@@ -4,7 +4,7 @@ The CLI, a JSON config file and the gradio tab all read the same fields. A UI wa
 `describe()` (or `dataclasses.fields`) to build its form; nothing here imports gradio.
 
     cfg = load_config("cfg.json")          # or load_config({...}); coerces types, refuses unknown keys
-    warnings = validate(cfg)               # raises UserError for the first hard error
+    warnings = validate(cfg)               # config_checks: raises UserError for the first hard error
     save_config(cfg, "cfg.json")           # exact round trip
 
 Paths left empty get defaults from the models folder (see `workspace_path` and `class_path`):
@@ -12,7 +12,6 @@ the workspace is `<models_dir>/dreambooth/<name>`, beside the WebUI's own model 
 run's class images, samples and resumable state live with the models it writes.
 """
 
-import argparse
 import dataclasses
 import difflib
 import hashlib
@@ -265,7 +264,7 @@ class SettingInfo:
     multiple_of: Optional[int]
 
 
-def _hints(cls) -> Dict[str, Any]:
+def type_hints(cls) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -276,14 +275,14 @@ def _kind(tp) -> str:
     return tp.__name__
 
 
-def _default(f: dataclasses.Field) -> Any:
+def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def describe(cls=TrainConfig) -> List[SettingInfo]:
     """The settings of TrainConfig (or Concept) in declaration order, for building a form."""
-    hints = _hints(cls)
-    return [SettingInfo(f.name, _kind(hints[f.name]), _default(f), f.metadata["help"], f.metadata["group"],
+    hints = type_hints(cls)
+    return [SettingInfo(f.name, _kind(hints[f.name]), default_of(f), f.metadata["help"], f.metadata["group"],
                         f.metadata["min"], f.metadata["max"], f.metadata["choices"], f.metadata["multiple_of"])
             for f in fields(cls)]
 
@@ -347,15 +346,15 @@ def _to_str(value: Any, where: str) -> str:
 _SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce(value: Any, tp: Any, where: str) -> Any:
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         if value is None:
             return []
         items = list(value) if isinstance(value, (list, tuple)) else [value]  # a lone value is a list of one
         if item is Concept:
-            return [_from_dict(Concept, v, f"concept {i}{where}") for i, v in enumerate(items, 1)]
-        return [_coerce(v, item, where) for v in items]
+            return [from_dict(Concept, v, f"concept {i}{where}") for i, v in enumerate(items, 1)]
+        return [coerce(v, item, where) for v in items]
     return _SCALARS[tp](value, where)
 
 
@@ -370,19 +369,19 @@ def _unknown_key(key: str, cls, where: str) -> UserError:
     return UserError(f"Unknown setting '{key}' in {where}; {hint}")
 
 
-def _from_dict(cls, data: Any, where: str):
+def from_dict(cls, data: Any, where: str):
     if isinstance(data, (TrainConfig, Concept)):
         data = dataclasses.asdict(data)
     if not isinstance(data, dict):
         raise UserError(f"The settings of {where} must be a JSON object, not {type(data).__name__}.")
-    hints, names = _hints(cls), {f.name for f in fields(cls)}
+    hints, names = type_hints(cls), {f.name for f in fields(cls)}
     kwargs = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")  # accept CLI spelling in files too
         if name not in names:
             raise _unknown_key(str(key), cls, where)
         label = f"'{name}' in {where}" if cls is TrainConfig else f"'{name}' of {where}"
-        kwargs[name] = _coerce(value, hints[name], label if name != "concepts" else f" in {where}")
+        kwargs[name] = coerce(value, hints[name], label if name != "concepts" else f" in {where}")
     return cls(**kwargs)
 
 
@@ -394,7 +393,7 @@ def to_dict(cfg: TrainConfig) -> Dict[str, Any]:
 def load_config(source: Union[str, os.PathLike, Dict[str, Any], TrainConfig]) -> TrainConfig:
     """A TrainConfig from a JSON file or a dict; types are coerced, unknown keys refused. Not range-checked: see validate."""
     if isinstance(source, (dict, TrainConfig)):
-        return _from_dict(TrainConfig, source, "the config")
+        return from_dict(TrainConfig, source, "the config")
     path = Path(source)
     if not path.is_file():
         raise UserError(f"Config file {path} does not exist.")
@@ -404,7 +403,7 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any], TrainConfig]) ->
         raise UserError(f"Config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
     except UnicodeDecodeError:
         raise UserError(f"Config file {path} is not a UTF-8 text file.") from None
-    return _from_dict(TrainConfig, data, str(path))
+    return from_dict(TrainConfig, data, str(path))
 
 
 def save_config(cfg: TrainConfig, path: Union[str, os.PathLike]) -> Path:
@@ -415,271 +414,3 @@ def save_config(cfg: TrainConfig, path: Union[str, os.PathLike]) -> Path:
     tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-_NAME_BAD_CHARS = '/\\:*?"<>|'
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
-_KNOWN_TOKENS = {"sks", "ohwx", "zwx", "mksks", "xyz"}
-
-
-def _check_fields(obj, where: str) -> None:
-    """Types (coerced in place), ranges and choices of every field of a TrainConfig or Concept."""
-    hints = _hints(type(obj))
-    for f in fields(obj):
-        if f.name == "concepts":
-            continue
-        label = f"'{f.name}'{where}"
-        value = _coerce(getattr(obj, f.name), hints[f.name], label)
-        setattr(obj, f.name, value)
-        _check_range(value, f.metadata, label)
-
-
-def _check_range(value: Any, meta: Dict[str, Any], label: str) -> None:
-    low, high, choices, step = meta["min"], meta["max"], meta["choices"], meta["multiple_of"]
-    if choices is not None and value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"Setting {label} is '{value}'; choose one of {', '.join(choices)}{hint}.")
-    if low is not None and value < low:
-        raise UserError(f"Setting {label} is {value}; it must be at least {low}.")
-    if high is not None and value > high:
-        raise UserError(f"Setting {label} is {value}; it must be at most {high}.")
-    if step and value % step:
-        raise UserError(f"Setting {label} is {value}; it must be a multiple of {step} (e.g. {round(value / step) * step}).")
-
-
-def _check_name(name: str) -> None:
-    if not name.strip():
-        raise UserError("Setting 'name' is empty; give the new model a name (it becomes the file name).")
-    bad = [c for c in name if c in _NAME_BAD_CHARS or ord(c) < 32]
-    if bad:
-        raise UserError(f"Setting 'name' ({name!r}) contains {bad[0]!r}; use a plain file name without "
-                        f"path separators or any of {_NAME_BAD_CHARS}.")
-    if name != name.strip() or name.endswith(".") or name.split(".")[0].lower() in _WINDOWS_RESERVED:
-        raise UserError(f"Setting 'name' ({name!r}) is not a usable file name; avoid leading or trailing spaces "
-                        "or dots and reserved names such as CON or NUL.")
-
-
-def _words(text: str) -> List[str]:
-    return re.findall(r"[\w]+", text.replace(FILEWORDS, " ").lower())
-
-
-def _looks_rare(word: str) -> bool:
-    """A made-up token: digits or underscores, a known one, or no vowels (sks, zwx)."""
-    return (any(c.isdigit() or c == "_" for c in word) or word in _KNOWN_TOKENS
-            or (len(word) >= 3 and not any(v in word for v in "aeiou")))
-
-
-def _token_warnings(c: Concept, label: str) -> List[str]:
-    if c.caption_mode == "caption" or not c.instance_prompt.strip():
-        return []  # captions replace the prompt: the token lives in them
-    prompt, klass = c.instance_prompt, c.class_prompt
-    if c.instance_token:
-        token = c.instance_token.lower()
-        if token not in prompt.lower():
-            return [f"{label}'s instance prompt {prompt!r} does not contain its instance_token {c.instance_token!r}."]
-        if token in klass.lower():
-            return [f"{label}'s class prompt also contains its token {c.instance_token!r}, so prior preservation "
-                    "pulls the concept back out; remove the token from the class prompt."]
-        return []
-    class_words = set(_words(klass))
-    distinct = [w for w in _words(prompt) if w not in class_words]
-    if not distinct:
-        return [f"{label}'s instance prompt {prompt!r} has no word its class prompt lacks, so the model cannot tell "
-                "the concept from its class; add a rare token such as 'sks'."]
-    if not any(_looks_rare(w) for w in distinct):
-        return [f"{label}'s instance prompt {prompt!r} has no rare token (a made-up word such as 'sks' or "
-                "'sks_pixarstyle'), so training overwrites a common word; set instance_token if that is meant."]
-    return []
-
-
-def _concept_warnings(cfg: TrainConfig, c: Concept, i: int) -> List[str]:
-    label = f"Concept {i}"
-    if not c.instance_dir.strip():
-        raise UserError(f"Setting 'instance_dir' of concept {i} is empty; give the folder with the instance images.")
-    if not c.instance_prompt.strip() and c.caption_mode != "caption":
-        raise UserError(f"Setting 'instance_prompt' of concept {i} is empty; give a prompt with the concept's token.")
-    notes = _token_warnings(c, label)
-    if c.caption_mode == "filewords" and FILEWORDS not in c.instance_prompt:
-        notes.append(f"{label} uses caption_mode 'filewords' but its instance prompt has no {FILEWORDS}, "
-                     "so the captions are not used.")
-    if c.caption_mode == "prompt" and FILEWORDS in c.instance_prompt:
-        notes.append(f"{label}'s prompt has {FILEWORDS} but caption_mode is 'prompt', so it is dropped; "
-                     "use caption_mode 'filewords' to fill it from the .txt files.")
-    if not c.class_prompt.strip():
-        if cfg.prior_loss_weight > 0:
-            notes.append(f"{label} has no class prompt, so prior preservation is off for it.")
-        if c.class_dir:
-            notes.append(f"{label}'s class_dir is not used without a class prompt.")
-    elif c.num_class_images == 0:
-        notes.append(f"{label} has num_class_images 0, so prior preservation is off for it.")
-    elif cfg.prior_loss_weight == 0:
-        notes.append(f"{label}'s class images are not used: prior_loss_weight is 0.")
-    return notes
-
-
-def _run_warnings(cfg: TrainConfig) -> List[str]:
-    """Combinations that work but are probably not meant; fixes the one that cannot work."""
-    notes = []
-    if cfg.cache_text_embeddings and cfg.text_encoder_mode != "frozen":
-        cfg.cache_text_embeddings = False
-        notes.append(f"cache_text_embeddings turned off: the text encoder is trained ({cfg.text_encoder_mode}).")
-    if cfg.save_lora_merged and cfg.train_mode != "lora":
-        notes.append("save_lora_merged only applies to LoRA training; full training already writes a checkpoint.")
-    if cfg.optimizer == "prodigy" and cfg.unet_learning_rate < 0.1:
-        notes.append(f"Prodigy finds its own step size and expects a learning rate near 1.0, not {cfg.unet_learning_rate}.")
-    if cfg.lr_warmup_steps >= cfg.max_steps and cfg.lr_scheduler != "constant":
-        notes.append(f"lr_warmup_steps ({cfg.lr_warmup_steps}) is not below max_steps ({cfg.max_steps}), "
-                     "so the learning rate never reaches its full value.")
-    if cfg.family == "sdxl" and cfg.resolution < 1024:
-        notes.append(f"SDXL was trained at 1024 pixels; resolution {cfg.resolution} gives weaker results.")
-    if cfg.text_encoder_stop_step and cfg.text_encoder_mode == "frozen":
-        notes.append("text_encoder_stop_step is ignored: the text encoder is frozen.")
-    return notes
-
-
-def validate(cfg: TrainConfig) -> List[str]:
-    """Warnings for a usable config; raises UserError with one sentence for the first hard error.
-
-    Normalises cfg in place (coerced types, cache_text_embeddings off when the text encoder trains).
-    Checks the settings only; folders and files are checked by the trainer when it opens them.
-    """
-    _check_fields(cfg, "")
-    if not cfg.checkpoint.strip():
-        raise UserError("Setting 'checkpoint' is empty; give the source model (a .safetensors file or a diffusers folder).")
-    _check_name(cfg.name)
-    cfg.concepts = _coerce(cfg.concepts, List[Concept], "")
-    if not cfg.concepts:
-        raise UserError("Setting 'concepts' is empty; add a concept (an instance image folder and prompt), "
-                        "e.g. with --instance-dir and --instance-prompt.")
-    if cfg.init_lora and cfg.train_mode != "lora":
-        raise UserError("Setting 'init_lora' needs train_mode 'lora'; to train fully on top of a LoRA, "
-                        "merge it into the checkpoint first (save_lora_merged).")
-    notes = []
-    for i, concept in enumerate(cfg.concepts, 1):
-        _check_fields(concept, f" of concept {i}")
-        notes += _concept_warnings(cfg, concept, i)
-    return notes + _run_warnings(cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-_ALIASES = {"max_steps": ["--steps"]}
-_CONCEPT_FLAGS = ("instance_dir", "instance_prompt", "class_prompt", "class_dir", "num_class_images",
-                  "caption_mode", "instance_token")
-
-
-_METAVARS = {int: "N", float: "X", str: "TEXT"}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_option(group, f: dataclasses.Field, tp: Any, dest: Optional[str] = None) -> None:
-    meta = f.metadata
-    shown = _default(f)
-    help_text = (meta["help"] + f" (default: {shown!r})" if shown not in ("", []) else meta["help"]).replace("%", "%%")
-    kwargs: Dict[str, Any] = {"dest": dest or f.name, "default": argparse.SUPPRESS, "help": help_text}
-    if tp is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
-    elif typing.get_origin(tp) is list:
-        item = typing.get_args(tp)[0]
-        kwargs.update(nargs="*", type=item, metavar=_METAVARS[item])
-    elif meta["choices"]:
-        kwargs.update(type=tp, choices=meta["choices"])
-    else:
-        kwargs.update(type=tp, metavar=_METAVARS[tp])
-    flags = [_flag(f.name)] + _ALIASES.get(f.name, [])
-    if dest:
-        flags = [_flag(dest.replace("concept_", "", 1))]
-    group.add_argument(*flags, **kwargs)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per setting (--max-steps, --no-hflip, ...), grouped as in the tab, plus the single-concept flags."""
-    parser.add_argument("--config", default=None, help="JSON config file to start from; flags given here override it.")
-    groups = {name: parser.add_argument_group(name) for name in GROUPS}
-    hints = _hints(TrainConfig)
-    for f in fields(TrainConfig):
-        if f.name != "concepts":
-            _add_option(groups[f.metadata["group"]], f, hints[f.name])
-    groups["training"].add_argument("--lora", dest="train_mode", action="store_const", const="lora",
-                                    default=argparse.SUPPRESS, help="Same as --train-mode lora.")
-    concept_hints, concept_fields = _hints(Concept), {f.name: f for f in fields(Concept)}
-    for name in _CONCEPT_FLAGS:
-        _add_option(groups["concepts"], concept_fields[name], concept_hints[name], dest=f"concept_{name}")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """--config first, then each flag given on the command line; single-concept flags set the first concept."""
-    data = to_dict(load_config(args.config) if getattr(args, "config", None) else TrainConfig())
-    data.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-    given = {n: getattr(args, f"concept_{n}") for n in _CONCEPT_FLAGS if hasattr(args, f"concept_{n}")}
-    if given:
-        if not data["concepts"]:
-            data["concepts"] = [dataclasses.asdict(Concept())]
-        data["concepts"][0].update(given)
-    return _from_dict(TrainConfig, data, "the command line")
-
-
-# ---------------------------------------------------------------------------------------------
-# Recommendations
-
-_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
-# Smallest GPU memory (GB) that full UNet training fits in, and below which it needs 8-bit Adam and
-# checkpointing: fp32 master weights + grads + Adam states are ~16 bytes per UNet parameter.
-_FULL_FITS = {"sd1": 10, "sd2": 10, "sd2-v": 12, "sdxl": 40}
-_FULL_ROOMY = {"sd1": 24, "sd2": 24, "sd2-v": 24, "sdxl": 80}
-_LORA_ROOMY = {"sd1": 12, "sd2": 12, "sd2-v": 16, "sdxl": 24}
-
-
-def recommended(family: str, train_mode: str, vram_gb: Optional[float], *, have_bitsandbytes: bool = True) -> Dict[str, Any]:
-    """Setting overrides for a family, a training mode and the GPU's memory (None: unknown, no memory trade-offs).
-
-    May switch train_mode to 'lora' when full training cannot fit. Pure: checks nothing on the machine.
-    """
-    if family not in FAMILIES:
-        raise UserError(f"Unknown model family '{family}'; choose one of {', '.join(FAMILIES)}.")
-    if train_mode not in ("full", "lora"):
-        raise UserError(f"Unknown train mode '{train_mode}'; choose full or lora.")
-    fam = "sd1" if family == "auto" else family
-    out: Dict[str, Any] = {"train_batch_size": 1, "cache_latents": True, "mixed_precision": "auto", "attention": "auto"}
-    if family != "auto":
-        out["resolution"] = _RESOLUTION[family]
-    if train_mode == "full" and vram_gb is not None and vram_gb < _FULL_FITS[fam]:
-        train_mode = "lora"  # full training does not fit: adapters do
-    out["train_mode"] = train_mode
-    if train_mode == "lora":
-        out.update(_lora_overrides(fam, vram_gb))
-    else:
-        out.update(_full_overrides(fam, vram_gb, have_bitsandbytes))
-    return out
-
-
-def _lora_overrides(fam: str, vram_gb: Optional[float]) -> Dict[str, Any]:
-    # LoRA's optimizer states are tiny, so plain AdamW; memory goes to activations instead.
-    out = {"optimizer": "adamw", "lora_learning_rate": 1e-4, "lora_rank": 32 if fam == "sdxl" else 16,
-           "lora_alpha": 0.0, "text_encoder_mode": "frozen", "cache_text_embeddings": True}
-    if vram_gb is not None:
-        out["gradient_checkpointing"] = vram_gb < _LORA_ROOMY[fam]
-    return out
-
-
-def _full_overrides(fam: str, vram_gb: Optional[float], have_bitsandbytes: bool) -> Dict[str, Any]:
-    out = {"optimizer": "adamw", "learning_rate": 1e-6 if fam == "sdxl" else 2e-6, "text_encoder_mode": "frozen",
-           "cache_text_embeddings": True}
-    if vram_gb is None:
-        return out
-    roomy = vram_gb >= _FULL_ROOMY[fam]
-    out["gradient_checkpointing"] = not roomy or fam == "sdxl"
-    if not roomy:
-        out["optimizer"] = "adamw8bit" if have_bitsandbytes else "adafactor"
-    elif fam != "sdxl":
-        # room to spare: training the text encoder too improves likeness (diffusers' advice for faces)
-        out.update(text_encoder_mode="full", text_encoder_lr=1e-6, cache_text_embeddings=False)
-    return out

@@ -15,7 +15,8 @@ import torch
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train import state as st
 from dreambooth_ext.train.batches import MicroBatch, PromptCache
-from dreambooth_ext.train.config import TrainConfig, to_dict, validate
+from dreambooth_ext.train.config import TrainConfig, to_dict
+from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.dataset import LatentSource, build_examples
 from dreambooth_ext.train.reporter import Cancelled, Reporter
 

@@ -15,7 +15,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.host.base import Host
 from dreambooth_ext.jobs import RUNNER, JobRunner, JobState, host_hooks, status_text
-from dreambooth_ext.train.config import TrainConfig, describe, load_config, recommended, save_config, validate
+from dreambooth_ext.train.config import TrainConfig, describe, load_config, save_config
+from dreambooth_ext.train.config_checks import validate
+from dreambooth_ext.train.recommend import recommended
 from dreambooth_ext.train.state import read_progress
 from dreambooth_ext.ui.form import config_to_form, default_form, form_to_dict
 

@@ -1,0 +1,159 @@
+"""Checking a TrainConfig before any work: one sentence for the first hard error, warnings for the rest."""
+
+import difflib
+import re
+from dataclasses import fields
+from typing import Any, Dict, List
+
+from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.config import (
+    Concept,
+    FILEWORDS,
+    TrainConfig,
+    coerce,
+    type_hints,
+)
+
+_NAME_BAD_CHARS = '/\\:*?"<>|'
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
+_KNOWN_TOKENS = {"sks", "ohwx", "zwx", "mksks", "xyz"}
+
+
+def _check_fields(obj, where: str) -> None:
+    """Types (coerced in place), ranges and choices of every field of a TrainConfig or Concept."""
+    hints = type_hints(type(obj))
+    for f in fields(obj):
+        if f.name == "concepts":
+            continue
+        label = f"'{f.name}'{where}"
+        value = coerce(getattr(obj, f.name), hints[f.name], label)
+        setattr(obj, f.name, value)
+        _check_range(value, f.metadata, label)
+
+
+def _check_range(value: Any, meta: Dict[str, Any], label: str) -> None:
+    low, high, choices, step = meta["min"], meta["max"], meta["choices"], meta["multiple_of"]
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"Setting {label} is '{value}'; choose one of {', '.join(choices)}{hint}.")
+    if low is not None and value < low:
+        raise UserError(f"Setting {label} is {value}; it must be at least {low}.")
+    if high is not None and value > high:
+        raise UserError(f"Setting {label} is {value}; it must be at most {high}.")
+    if step and value % step:
+        raise UserError(f"Setting {label} is {value}; it must be a multiple of {step} (e.g. {round(value / step) * step}).")
+
+
+def _check_name(name: str) -> None:
+    if not name.strip():
+        raise UserError("Setting 'name' is empty; give the new model a name (it becomes the file name).")
+    bad = [c for c in name if c in _NAME_BAD_CHARS or ord(c) < 32]
+    if bad:
+        raise UserError(f"Setting 'name' ({name!r}) contains {bad[0]!r}; use a plain file name without "
+                        f"path separators or any of {_NAME_BAD_CHARS}.")
+    if name != name.strip() or name.endswith(".") or name.split(".")[0].lower() in _WINDOWS_RESERVED:
+        raise UserError(f"Setting 'name' ({name!r}) is not a usable file name; avoid leading or trailing spaces "
+                        "or dots and reserved names such as CON or NUL.")
+
+
+def _words(text: str) -> List[str]:
+    return re.findall(r"[\w]+", text.replace(FILEWORDS, " ").lower())
+
+
+def _looks_rare(word: str) -> bool:
+    """A made-up token: digits or underscores, a known one, or no vowels (sks, zwx)."""
+    return (any(c.isdigit() or c == "_" for c in word) or word in _KNOWN_TOKENS
+            or (len(word) >= 3 and not any(v in word for v in "aeiou")))
+
+
+def _token_warnings(c: Concept, label: str) -> List[str]:
+    if c.caption_mode == "caption" or not c.instance_prompt.strip():
+        return []  # captions replace the prompt: the token lives in them
+    prompt, klass = c.instance_prompt, c.class_prompt
+    if c.instance_token:
+        token = c.instance_token.lower()
+        if token not in prompt.lower():
+            return [f"{label}'s instance prompt {prompt!r} does not contain its instance_token {c.instance_token!r}."]
+        if token in klass.lower():
+            return [f"{label}'s class prompt also contains its token {c.instance_token!r}, so prior preservation "
+                    "pulls the concept back out; remove the token from the class prompt."]
+        return []
+    class_words = set(_words(klass))
+    distinct = [w for w in _words(prompt) if w not in class_words]
+    if not distinct:
+        return [f"{label}'s instance prompt {prompt!r} has no word its class prompt lacks, so the model cannot tell "
+                "the concept from its class; add a rare token such as 'sks'."]
+    if not any(_looks_rare(w) for w in distinct):
+        return [f"{label}'s instance prompt {prompt!r} has no rare token (a made-up word such as 'sks' or "
+                "'sks_pixarstyle'), so training overwrites a common word; set instance_token if that is meant."]
+    return []
+
+
+def _concept_warnings(cfg: TrainConfig, c: Concept, i: int) -> List[str]:
+    label = f"Concept {i}"
+    if not c.instance_dir.strip():
+        raise UserError(f"Setting 'instance_dir' of concept {i} is empty; give the folder with the instance images.")
+    if not c.instance_prompt.strip() and c.caption_mode != "caption":
+        raise UserError(f"Setting 'instance_prompt' of concept {i} is empty; give a prompt with the concept's token.")
+    notes = _token_warnings(c, label)
+    if c.caption_mode == "filewords" and FILEWORDS not in c.instance_prompt:
+        notes.append(f"{label} uses caption_mode 'filewords' but its instance prompt has no {FILEWORDS}, "
+                     "so the captions are not used.")
+    if c.caption_mode == "prompt" and FILEWORDS in c.instance_prompt:
+        notes.append(f"{label}'s prompt has {FILEWORDS} but caption_mode is 'prompt', so it is dropped; "
+                     "use caption_mode 'filewords' to fill it from the .txt files.")
+    if not c.class_prompt.strip():
+        if cfg.prior_loss_weight > 0:
+            notes.append(f"{label} has no class prompt, so prior preservation is off for it.")
+        if c.class_dir:
+            notes.append(f"{label}'s class_dir is not used without a class prompt.")
+    elif c.num_class_images == 0:
+        notes.append(f"{label} has num_class_images 0, so prior preservation is off for it.")
+    elif cfg.prior_loss_weight == 0:
+        notes.append(f"{label}'s class images are not used: prior_loss_weight is 0.")
+    return notes
+
+
+def _run_warnings(cfg: TrainConfig) -> List[str]:
+    """Combinations that work but are probably not meant; fixes the one that cannot work."""
+    notes = []
+    if cfg.cache_text_embeddings and cfg.text_encoder_mode != "frozen":
+        cfg.cache_text_embeddings = False
+        notes.append(f"cache_text_embeddings turned off: the text encoder is trained ({cfg.text_encoder_mode}).")
+    if cfg.save_lora_merged and cfg.train_mode != "lora":
+        notes.append("save_lora_merged only applies to LoRA training; full training already writes a checkpoint.")
+    if cfg.optimizer == "prodigy" and cfg.unet_learning_rate < 0.1:
+        notes.append(f"Prodigy finds its own step size and expects a learning rate near 1.0, not {cfg.unet_learning_rate}.")
+    if cfg.lr_warmup_steps >= cfg.max_steps and cfg.lr_scheduler != "constant":
+        notes.append(f"lr_warmup_steps ({cfg.lr_warmup_steps}) is not below max_steps ({cfg.max_steps}), "
+                     "so the learning rate never reaches its full value.")
+    if cfg.family == "sdxl" and cfg.resolution < 1024:
+        notes.append(f"SDXL was trained at 1024 pixels; resolution {cfg.resolution} gives weaker results.")
+    if cfg.text_encoder_stop_step and cfg.text_encoder_mode == "frozen":
+        notes.append("text_encoder_stop_step is ignored: the text encoder is frozen.")
+    return notes
+
+
+def validate(cfg: TrainConfig) -> List[str]:
+    """Warnings for a usable config; raises UserError with one sentence for the first hard error.
+
+    Normalises cfg in place (coerced types, cache_text_embeddings off when the text encoder trains).
+    Checks the settings only; folders and files are checked by the trainer when it opens them.
+    """
+    _check_fields(cfg, "")
+    if not cfg.checkpoint.strip():
+        raise UserError("Setting 'checkpoint' is empty; give the source model (a .safetensors file or a diffusers folder).")
+    _check_name(cfg.name)
+    cfg.concepts = coerce(cfg.concepts, List[Concept], "")
+    if not cfg.concepts:
+        raise UserError("Setting 'concepts' is empty; add a concept (an instance image folder and prompt), "
+                        "e.g. with --instance-dir and --instance-prompt.")
+    if cfg.init_lora and cfg.train_mode != "lora":
+        raise UserError("Setting 'init_lora' needs train_mode 'lora'; to train fully on top of a LoRA, "
+                        "merge it into the checkpoint first (save_lora_merged).")
+    notes = []
+    for i, concept in enumerate(cfg.concepts, 1):
+        _check_fields(concept, f" of concept {i}")
+        notes += _concept_warnings(cfg, concept, i)
+    return notes + _run_warnings(cfg)
