@@ -25,23 +25,13 @@ usage: ./run.sh COMMAND [ARGS...]
 EOF
 }
 
-find_python311() {
-    local candidate
-    for candidate in python3.11 "$HOME"/.pyenv/versions/3.11*/bin/python python3; do
+# find_python MINOR [EXTRA...]: the first interpreter that is Python 3.MINOR (python3.MINOR, pyenv's, EXTRA).
+find_python() {
+    local minor="$1" candidate
+    shift
+    for candidate in "python3.$minor" "$HOME"/.pyenv/versions/3."$minor"*/bin/python "$@"; do
         if command -v "$candidate" >/dev/null 2>&1 &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
-            echo "$candidate"
-            return 0
-        fi
-    done
-    return 1
-}
-
-find_python310() {
-    local candidate
-    for candidate in python3.10 "$HOME"/.pyenv/versions/3.10*/bin/python; do
-        if command -v "$candidate" >/dev/null 2>&1 &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' 2>/dev/null; then
+            "$candidate" -c "import sys; sys.exit(sys.version_info[:2] != (3, $minor))" 2>/dev/null; then
             echo "$candidate"
             return 0
         fi
@@ -61,7 +51,7 @@ ensure_venv() {
     fi
     if [[ ! -x "$venv/bin/python" ]]; then
         local python
-        if ! python="$(find_python311)"; then
+        if ! python="$(find_python 11 python3)"; then
             echo "run.sh: Python 3.11 is needed to create $venv, but none was found (tried python3.11, ~/.pyenv/versions/3.11*, python3)." >&2
             exit 1
         fi
@@ -93,7 +83,7 @@ run_pytest() {
 
 compile_check_py310() {
     local python
-    if ! python="$(find_python310)"; then
+    if ! python="$(find_python 10)"; then
         echo "=== Python 3.10 compile check: skipped (no Python 3.10 interpreter found) ==="
         return 0
     fi

@@ -100,7 +100,6 @@ def main():
         measure(build_checkpoint, src, args.dtype)  # in a child, so its memory does not count below
     size = src.stat().st_size
     print(f"checkpoint: {src.name}, {size / 2**30:.2f} GiB ({args.dtype}), built in {time.perf_counter() - t0:.1f} s")
-    # warm the importers once, so the first measured step does not pay for imports alone
     rows = []
     for label, fn, a, b in [
         ("plain safetensors load+save", plain_io, src, work / "plain.safetensors"),
