@@ -176,6 +176,20 @@ def test_invalid_settings_stop_before_any_work(change, phrase, tiny_checkpoints,
     assert not (tmp_path / "models").exists()
 
 
+def test_bucketing_trains_non_square_images_in_their_own_buckets(tiny_checkpoints, tmp_path):
+    from dreambooth_ext.train.dataset import build_examples
+
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), bucketing=True, bucket_step=16, max_steps=4,
+                       resolution=128, num_class_images=0)
+    instances, _ = build_examples(cfg, lambda _w: None)
+    assert len({e.bucket for e in instances.examples}) > 1  # the 160x128 and 128x160 pictures differ
+    assert train(cfg, RecordingReporter()).status == "finished"
+    cfg.bucket_step = 8
+    with pytest.raises(UserError) as e:
+        train(cfg, RecordingReporter())
+    assert "bucket_step" in str(e.value) and "multiple of 16" in str(e.value)
+
+
 def test_prompt_without_a_token_warns(tiny_checkpoints, tmp_path):
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=1, num_class_images=0)
     cfg.concepts[0].instance_prompt = "a character"

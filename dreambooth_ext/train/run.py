@@ -55,6 +55,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     workspace.mkdir(parents=True, exist_ok=True)
 
     bundle = _load_base(cfg, workspace, acc, reporter)
+    _check_sizes(cfg, bundle)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode, torch.float32)
     try:
         _class_images(cfg, bundle, acc, reporter, device)
@@ -127,6 +128,17 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
             result.samples += _samples(cfg, bundle, trainables, workspace, progress.step, ema, reporter)
         result.outputs += [str(p) for p in _outputs(cfg, bundle, trainables, progress.step, ema, reporter)]
     return result
+
+
+def _check_sizes(cfg, bundle):
+    """Image sides must survive the VAE's and the UNet's downsampling without a remainder."""
+    vae_factor = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    multiple = vae_factor * 2 ** (len(bundle.unet.config.down_block_types) - 1)
+    if cfg.resolution % multiple:
+        raise UserError(f"Setting 'resolution' is {cfg.resolution}; this model needs a multiple of {multiple} "
+                        f"(e.g. {cfg.resolution // multiple * multiple or multiple}).")
+    if cfg.bucketing and cfg.bucket_step % multiple:
+        raise UserError(f"Setting 'bucket_step' is {cfg.bucket_step}; this model needs a multiple of {multiple}.")
 
 
 class _Quiet(Reporter):
