@@ -41,3 +41,39 @@ def mean_nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> fl
     """Mean over samples of the L2 distance to the nearest reference latent."""
     d = torch.cdist(samples.flatten(1), references.flatten(1))
     return d.min(dim=1).values.mean().item()
+
+
+@torch.no_grad()
+def pixel_latents(bundle, images) -> torch.Tensor:
+    """Scaled latent means of PIL images already at the wanted size (e.g. a pipeline's own output)."""
+    from dreambooth_ext.train.buckets import to_tensor
+
+    vae = bundle.vae
+    param = next(vae.parameters())
+    pixels = torch.stack([to_tensor(img.convert("RGB")) for img in images])
+    return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mean.float().cpu() * bundle.vae_scale
+
+
+@torch.no_grad()
+def edited_latents(pipe, prompt: str, starts: torch.Tensor, seeds: Sequence[int], steps: int, strength: float,
+                   guidance: float = 1.0) -> torch.Tensor:
+    """Final latents of image-to-image generations (SDEdit): each start latent noised to `strength` of
+    the schedule with its seed's noise, then denoised under `prompt` with the pipeline's scheduler.
+
+    A model trained for a few hundred steps from random weights denoises well from the middle of
+    the schedule but not from pure noise, where its small errors at high noise levels compound
+    into samples far from anything it was trained on; starting from a picture keeps the
+    generations where the model is accurate, so what they move toward is what training taught.
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    out = []
+    for start, seed in zip(starts, seeds):
+        # a 4-channel image is taken as already-scaled latents by the pipeline
+        result = img2img(prompt, image=start[None].to(pipe.device, pipe.unet.dtype), strength=strength,
+                         num_inference_steps=steps, guidance_scale=guidance,
+                         generator=torch.Generator().manual_seed(seed), output_type="latent")
+        out.append(result.images[0].float().cpu())
+    return torch.stack(out)

@@ -115,6 +115,21 @@ def test_lora_run_writes_a_webui_lora_and_a_merged_checkpoint(tiny_checkpoints, 
     assert (tmp_path / "models" / "Stable-diffusion" / "tiny_4.safetensors").is_file()
 
 
+def test_second_phase_starts_from_the_first_phase_lora(tiny_checkpoints, tmp_path):
+    ck = tiny_checkpoints("sd1")
+    first = small_config(tmp_path / "one", ck, train_mode="lora", lora_rank=4, lora_learning_rate=1e-2, max_steps=3)
+    train(first, RecordingReporter())
+    phase1 = tmp_path / "one" / "models" / "Lora" / "tiny_3.safetensors"
+    # with a zero learning rate the second phase must hand back exactly what it started from
+    second = small_config(tmp_path / "two", ck, train_mode="lora", lora_rank=4, lora_learning_rate=0.0,
+                          max_steps=2, init_lora=str(phase1), weight_decay=0.0)
+    train(second, RecordingReporter())
+    a = load_file(str(phase1))
+    b = load_file(str(tmp_path / "two" / "models" / "Lora" / "tiny_2.safetensors"))
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("family", ["sdxl", "sd2-v"])
 def test_other_families_train_and_save(family, tiny_checkpoints, tmp_path):
     cfg = small_config(tmp_path, tiny_checkpoints(family), max_steps=3, num_class_images=1)
@@ -167,6 +182,8 @@ def test_mixed_image_modes_are_used_and_bad_files_skipped(tiny_checkpoints, tmp_
     ({"max_steps": 0}, "max_steps"),
     ({"learning_rate": -1.0}, "learning_rate"),
     ({"name": "../escape"}, "name"),
+    ({"optimizer": "adamw8bit"}, "NVIDIA GPU"),  # bitsandbytes needs one
+    ({"attention": "xformers"}, "xformers"),
 ])
 def test_invalid_settings_stop_before_any_work(change, phrase, tiny_checkpoints, tmp_path):
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), **change)

@@ -107,6 +107,20 @@ def _set_processor(unet, name: str) -> str:
     return "default"
 
 
+def check_attention(setting: str, device: DeviceLike) -> None:
+    """Refuse, before any work, an attention setting the machine cannot run (the model is not needed yet)."""
+    device = torch.device(device)
+    if setting not in ATTENTIONS:
+        raise UserError(f"Setting 'attention' is '{setting}'; choose one of {', '.join(ATTENTIONS)}.")
+    if setting == "xformers" and device.type != "cuda":
+        raise UserError(f"Setting 'attention' is xformers, which needs an NVIDIA GPU, but training runs on "
+                        f"{device.type}; choose auto or sdpa.")
+    if setting == "xformers":
+        ok, why = _xformers_importable()
+        if not ok:
+            raise UserError(f"Setting 'attention' is xformers but it does not work here ({why}); choose auto or sdpa.")
+
+
 def choose_attention(setting: str, device: DeviceLike, unet, *, warn: Optional[Callable[[str], None]] = None) -> str:
     """Set the UNet's attention kernel for the setting; returns the one used ("xformers", "sdpa" or "default").
 
@@ -115,14 +129,10 @@ def choose_attention(setting: str, device: DeviceLike, unet, *, warn: Optional[C
     """
     warn = warn or log.warning
     device = torch.device(device)
-    if setting not in ATTENTIONS:
-        raise UserError(f"Setting 'attention' is '{setting}'; choose one of {', '.join(ATTENTIONS)}.")
+    check_attention(setting, device)
     if setting in ("sdpa", "default"):
         return _set_processor(unet, setting)
     if device.type != "cuda":
-        if setting == "xformers":
-            raise UserError(f"Setting 'attention' is xformers, which needs an NVIDIA GPU, but training runs on "
-                            f"{device.type}; choose auto or sdpa.")
         return _set_processor(unet, "sdpa")
     ok, why = _xformers_importable()
     if ok:

@@ -38,12 +38,17 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     """Train per `cfg`; UserError for bad input before any work, and nothing half-written in the models folder."""
     from accelerate import Accelerator
 
-    from dreambooth_ext.train.precision import choose_attention, pick_device, resolve_mixed_precision
+    from dreambooth_ext.train.optim import optimizer_available
+    from dreambooth_ext.train.precision import check_attention, choose_attention, pick_device, resolve_mixed_precision
 
     reporter = reporter or Reporter()
     for w in validate(cfg):
         reporter.warn(w)
     device = pick_device()
+    check_attention(cfg.attention, device)
+    usable, why = optimizer_available(cfg.optimizer, device)
+    if not usable:
+        raise UserError(f"Setting 'optimizer' is {cfg.optimizer}, which cannot run here ({why}); choose adamw or adafactor.")
     mode, notes = resolve_mixed_precision(cfg.mixed_precision, device)
     for n in notes:
         reporter.warn(n)
