@@ -161,7 +161,7 @@ def add_routes(app, host, *, credentials: Optional[Dict[str, str]] = None,
         except UserError as e:
             raise HTTPException(status_code=400, detail=str(e))
         try:
-            on_event, around = jobs.host_hooks(host, f"DreamBooth: {cfg.name}", cfg.max_steps)
+            on_event, around = jobs.host_hooks(host, cfg.name, cfg.max_steps)
             job = the_runner().start(cfg, on_event=on_event, around=around)
         except UserError as e:  # one job at a time
             raise HTTPException(status_code=409, detail=str(e))

@@ -133,7 +133,9 @@ class JobRunner:
         try:
             call = (lambda: train_fn(job.cfg, job))  # noqa: E731
             result = around(call) if around else call()
-            job._update("end", status=result.status, step=result.step, finished=time.time())
+            # a finished run's last stage ("saving the model ...") is over; a stopped one says how to resume
+            cleared = {"stage": ""} if result.status == "finished" else {}
+            job._update("end", status=result.status, step=result.step, finished=time.time(), **cleared)
         except UserError as e:
             job._update("end", status="failed", error=str(e), finished=time.time())
         except Exception as e:  # a bug or out of memory: keep the message, log the traceback

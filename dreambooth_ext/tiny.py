@@ -78,7 +78,12 @@ def build_models(fam: dict, seed: int = 0) -> Dict[str, torch.nn.Module]:
     }
     for i, te in enumerate(fam["text_encoders"]):
         cls = getattr(transformers, te["class"])
-        models["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = cls(transformers.CLIPTextConfig(**te["config"]))
+        encoder = cls(transformers.CLIPTextConfig(**te["config"]))
+        with torch.no_grad():
+            # a fresh layer norm has bias 0, so the encoder's output averages to exactly 0 once saved
+            # in fp16, and the WebUI's prompt emphasis (z * mean(z) / mean(z * weights)) divides 0 by 0
+            encoder.text_model.final_layer_norm.bias.normal_(0.0, 0.1)
+        models["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
     _sharpen_vae(models["vae"], fam["vae"]["latent_channels"])
     scale = _unit_variance_scale(models["vae"])
     models["vae"].register_to_config(scaling_factor=scale)

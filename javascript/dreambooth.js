@@ -32,6 +32,17 @@
         }
     }
 
+    // After "Make it the active checkpoint": the server has switched models; make the WebUI's own
+    // checkpoint dropdown list the new file and show it (A1111's refresh button and its
+    // selectCheckpoint() from ui.js). Hosts without them (the standalone page) need nothing.
+    window.dreamboothShowActive = function (title) {
+        if (!title || typeof selectCheckpoint !== "function") return [];
+        const refresh = root().querySelector("#refresh_sd_model_checkpoint");
+        if (refresh) refresh.click();
+        setTimeout(function () { selectCheckpoint(title); }, refresh ? 1500 : 0);
+        return [];
+    };
+
     if (!window.dreamboothPolling) {  // the standalone page may run this file a second time
         window.dreamboothPolling = setInterval(tick, POLL_MS);
     }

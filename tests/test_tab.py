@@ -241,7 +241,7 @@ def test_train_interrupt_resume_through_the_handlers(host):
     state = _wait(runner)
     assert state.status == "cancelled" and state.step == 3, state
     assert interrupts[0].ok and "Resume" in interrupts[0].text
-    assert ("exclusive",) in host.calls and ("begin", "DreamBooth: tabtest", 8) in host.calls
+    assert ("exclusive",) in host.calls and ("begin", "tabtest", 8) in host.calls
     assert ("end",) in host.calls
     steps = [c[1] for c in host.calls if c[0] == "update"]
     assert steps and steps == sorted(steps) and max(steps) == 3

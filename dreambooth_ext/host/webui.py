@@ -229,7 +229,9 @@ class WebUIHost(Host):
     def progress_end(self) -> None:
         if self._progress_open:  # State.end() reads time_start, which only begin() sets
             self._progress_open = False
-            _m("shared").state.end()
+            state = _m("shared").state
+            state.textinfo = None  # the progress API would go on showing the last step's text
+            state.end()
 
     def interrupted(self) -> bool:
         return bool(getattr(_m("shared").state, "interrupted", False))

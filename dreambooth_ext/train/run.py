@@ -98,7 +98,8 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     progress = _resume(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, reporter)
     result = TrainResult("finished", progress.step, losses=progress.losses)
     procs = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
-    reporter.stage(f"training on {device.type} ({mode} precision, {attention} attention{procs})")
+    precision = "fp32" if mode == "no" else f"{mode} mixed precision"
+    reporter.stage(f"training on {device.type} ({precision}, {attention} attention{procs})")
     reporter.start(progress.step, cfg.max_steps, list(progress.losses))
     started, first = time.time(), progress.step
     while progress.step < cfg.max_steps:

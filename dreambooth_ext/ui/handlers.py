@@ -51,6 +51,7 @@ class Handlers:
     def __init__(self, host: Host, runner: Optional[JobRunner] = None):
         self.host = host
         self.runner = runner or RUNNER
+        self.activated_title = ""
 
     # --- the checkpoint list
     def checkpoint_titles(self) -> List[str]:
@@ -147,7 +148,7 @@ class Handlers:
             cfg = self.config(form, extras)
             validate(load_config(cfg))  # a copy: hard errors now; warnings come through the job
             saved = read_progress(cfg.workspace_path())
-            on_event, around = host_hooks(self.host, f"DreamBooth: {cfg.name}", cfg.max_steps)
+            on_event, around = host_hooks(self.host, cfg.name, cfg.max_steps)
             self.runner.start(cfg, on_event=on_event, around=around)
         except UserError as e:
             return Reply(str(e), ok=False)
@@ -184,6 +185,7 @@ class Handlers:
         path = found[-1]
         self.host.refresh_checkpoints()
         if self.host.set_active_checkpoint(path):
+            self.activated_title = self.checkpoint_title(path)  # for the page's own checkpoint dropdown
             return Reply(f"{Path(path).name} is now the active checkpoint.")
         return Reply(f"This host cannot switch checkpoints; pick {Path(path).name} in its checkpoint list.", ok=False)
 

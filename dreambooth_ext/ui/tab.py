@@ -121,6 +121,8 @@ class Tab:
         self.gallery = gr.Gallery(label="Samples", columns=4, height=300, elem_id=PREFIX + "samples")
         self.outputs = gr.HTML(outputs_html([], self.host.lora_dir()), elem_id=PREFIX + "outputs")
         self.activate = gr.Button("Make it the active checkpoint", visible=False, elem_id=PREFIX + "activate")
+        # the activated checkpoint's title, handed to the WebUI's own dropdown in the browser
+        self.activated = gr.Textbox(visible=False, elem_id=PREFIX + "activated")
 
     def _settings_tools(self):
         with gr.Accordion("Recommended settings", open=False, elem_id=PREFIX + "recommend_box"):
@@ -154,8 +156,10 @@ class Tab:
         compat.listen(self.train.click, self._train, form_in + [self.extras, self.seen], [self.message] + polled)
         compat.listen(self.resume.click, self._resume, form_in + [self.extras, self.seen], [self.message] + polled)
         compat.listen(self.interrupt.click, self._interrupt, [self.seen, self.checkpoint], [self.message] + polled)
-        compat.listen(self.poll.click, self._poll, [self.seen, self.checkpoint], polled, quiet=True)
-        compat.listen(self.activate.click, self._activate, [self.checkpoint], [self.message, self.checkpoint])
+        compat.listen(self.poll.click, self._page_poll, [self.seen, self.checkpoint], polled, quiet=True)
+        compat.listen(self.activate.click, self._activate, [self.checkpoint],
+                      [self.message, self.checkpoint, self.activated]).then(
+            None, [self.activated], None, **compat.js_kwarg("dreamboothShowActive"))
 
     def _values(self, values) -> Dict[str, Any]:
         return self.form.to_dict(values[:len(self.form.keys)])
@@ -196,19 +200,26 @@ class Tab:
 
     def _activate(self, current):
         reply = self.h.activate()
-        return reply_html(reply), self._choices(self.h.checkpoint_titles(), current)
+        return reply_html(reply), self._choices(self.h.checkpoint_titles(), current), self.h.activated_title
 
-    def _poll(self, seen, current) -> List[Any]:
+    def _page_poll(self, seen, current) -> List[Any]:
+        """The page's own polling; its first call (nothing seen yet) also sets the source checkpoint."""
+        return self._poll(seen, current, first=not seen)
+
+    def _poll(self, seen, current, first: bool = False) -> List[Any]:
         view = self.h.poll()
         status = view_html(view)
         if view.key == seen:
             return [status] + [compat.unchanged() for _ in range(5)] + [seen]
         return [status, loss_plot(view.losses), compat.gallery_value(view.samples),
                 outputs_html(view.outputs, self.host.lora_dir()), compat.update(visible=view.finished),
-                self._checkpoint_update(view, current), view.key]
+                self._checkpoint_update(view, current, first), view.key]
 
-    def _checkpoint_update(self, view: View, current):
-        """New files appear in the source list once a job has written them."""
+    def _checkpoint_update(self, view: View, current, first: bool = False):
+        """The source list as the page opens (the host's active checkpoint may have changed since the
+        tab was built), and again once a job has written new files."""
+        if first:
+            return self._choices(self.h.checkpoint_titles(), self.h.initial_form()["checkpoint"] or current)
         if view.running or not view.outputs:
             return compat.unchanged()
         return self._choices(self.h.checkpoint_titles(), current)
