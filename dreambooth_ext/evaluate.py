@@ -67,7 +67,7 @@ def edited_latents(pipe, prompt: str, starts: torch.Tensor, seeds: Sequence[int]
     """
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     img2img.set_progress_bar_config(disable=True)
     out = []
     for start, seed in zip(starts, seeds):

@@ -92,7 +92,10 @@ def test_inpainting_checkpoint_keeps_nine_channels(tmp_path):
 
 
 def test_dtype_option_casts_floats_only(tiny_checkpoints, tmp_path):
-    src = tiny_checkpoints("sd1")
+    # an integer position_ids buffer, as most SD1 files carry (transformers 4.46 no longer saves one)
+    state = load_any(tiny_checkpoints("sd1"))
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    src = write_variant(tiny_checkpoints("sd1"), tmp_path / "in" / "ids.safetensors", state)
     folder = tmp_path / "d"
     single_file_to_diffusers(src, folder, dtype="fp16")
     unet = load_any(folder / "unet" / "diffusion_pytorch_model.safetensors")
@@ -135,3 +138,12 @@ def test_metadata_and_v_prediction_yaml(tiny_checkpoints, tmp_path):
     assert meta["dreambooth_ext.steps"] == "10"
     text = (tmp_path / "v.yaml").read_text()
     assert "parameterization" in text and "v" in text
+
+
+def test_position_ids_survive_whatever_transformers_keeps(tiny_checkpoints, tmp_path):
+    """transformers 4.46 models no longer hold position_ids; a file that has them keeps them anyway."""
+    state = load_any(tiny_checkpoints("sd1"))
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    src = write_variant(tiny_checkpoints("sd1"), tmp_path / "in" / "ids.safetensors", state)
+    _, out = round_trip(src, tmp_path)
+    assert_same_state(state, load_any(out))

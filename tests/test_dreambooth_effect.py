@@ -1,80 +1,101 @@
 """DreamBooth works: the token pulls generations toward the instance images, and prior preservation
-keeps the class prompt from following them (tiny SD1, CPU, measured in latent space)."""
+keeps the class prompt from following them (tiny random SD1, CPU, measured in latent space).
+
+How it is measured, and why not as the issue first described it (pure-noise sampling):
+
+- Generations are image-to-image (SDEdit, strength 0.5, DDIM, guidance 1) from the base model's
+  own pictures for the class prompt, decoded and re-encoded, at seeds the class images do not use.
+  A model trained 200 steps from random weights predicts the noise well at mid and low noise but
+  not at the top of the schedule, where a tiny error in the noise is a large error in the picture;
+  sampled from pure noise, its DDIM trajectories drift (norm 32 -> 45) and land ~45 from every
+  training latent (instances are ~28 apart), token, class prompt and either lambda alike, so
+  neither the concept nor the prior shows. From the middle of the schedule the model is
+  accurate, and where the generations move is what training taught it.
+- Class images are made by the trainer itself with the base model (the product's path); the
+  starts are the same kind of picture at other seeds, so lambda = 1 did not train on them.
+- The tiny UNet barely reads its prompt (the noise predictions for the token and the class prompt
+  differ by ~1% after training), so the class prompt's generations follow whatever the whole run
+  learned: with lambda = 0 only the instances, with lambda = 1 the class images too. That is the
+  leakage prior preservation exists to stop, measured as how far the class prompt's generations
+  move from their start toward the nearest instance latent.
+- The base model's own samples are no yardstick: it has no prior (its raw samples reach norms of
+  ~300), which is also why the issue saw nothing when comparing against them.
+"""
 
 import pytest
+import torch
 
 from dreambooth_ext.bridge import single_file_to_diffusers
-from dreambooth_ext.evaluate import generated_latents, image_latents, mean_nearest_distance
+from dreambooth_ext.evaluate import edited_latents, image_latents, mean_nearest_distance, pixel_latents
 from dreambooth_ext.train.images import list_images
 from dreambooth_ext.train.models import load_bundle, make_pipeline
 from dreambooth_ext.train.reporter import RecordingReporter
 from dreambooth_ext.train.run import train
 from tests.trainer_helpers import CLASS_PROMPT, DEMO, TOKEN_PROMPT, small_config
 
-SEEDS = list(range(100, 108))  # 8 samples per prompt
-RES = 128  # 16x16 latents: at 8x8 the prior-preservation effect drowns in noise
+SEEDS = list(range(100, 108))  # 8 generations per prompt
+RES = 128  # 16x16 latents
 STEPS = 10
+STRENGTH = 0.5
+CLASS_STEPS = 10  # sampling steps of the class images and of the starts
+CLASS_GUIDANCE = 7.0  # as the trainer makes class images
+TRAIN_STEPS = 200
 
 
-def _distances(folder, references):
-    pipe = make_pipeline(load_bundle(folder))
-    return {p: mean_nearest_distance(generated_latents(pipe, p, SEEDS, STEPS, RES), references)
-            for p in (TOKEN_PROMPT, CLASS_PROMPT)}
-
-
-def _draw_class_members(folder, count=10):
-    """Other members of the class: different characters on dark grounds, as a real base model would give.
-
-    A tiny random model has no prior of its own worth keeping (its decoded samples re-encode
-    anywhere), so the class images stand in for what a real base draws for the class prompt.
-    """
-    import random
-
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(5)
-    for i in range(count):
-        img = Image.new("RGB", (RES, RES), tuple(rng.randint(0, 60) for _ in range(3)))
-        d = ImageDraw.Draw(img)
-        body = tuple(rng.randint(60, 255) for _ in range(3))
-        x, y, r = rng.randint(30, 98), rng.randint(40, 90), rng.randint(14, 30)
-        d.rectangle([x - r, y - r, x + r, y + r], fill=body)
-        d.ellipse([x - r // 2, y - 2 * r, x + r // 2, y - r], fill=tuple(255 - c for c in body))
-        img.save(folder / f"member{i:02d}.png")
-
-
-def _trained_folder(tmp_path, checkpoint, lam, class_dir):
-    cfg = small_config(tmp_path / f"lam{lam}", checkpoint, resolution=RES, max_steps=200, num_class_images=10,
-                       class_image_steps=10, prior_loss_weight=lam)
-    cfg.concepts[0].class_dir = str(class_dir)
+def _trained_folder(tmp, checkpoint, lam, train_seed):
+    cfg = small_config(tmp / f"lam{lam}", checkpoint, resolution=RES, max_steps=TRAIN_STEPS, num_class_images=10,
+                       class_image_steps=CLASS_STEPS, class_image_guidance=CLASS_GUIDANCE, prior_loss_weight=lam,
+                       seed=train_seed)
+    cfg.concepts[0].class_dir = str(tmp / "class-images")  # empty: the trainer draws them with the base
     result = train(cfg, RecordingReporter())
-    out = tmp_path / f"lam{lam}-diffusers"
+    out = tmp / f"lam{lam}-diffusers"
     single_file_to_diffusers(result.outputs[0], out)
+    return out
+
+
+def _starts(base):
+    """The base model's pictures for the class prompt, as latents."""
+    pipe = make_pipeline(base)
+    images = [pipe(CLASS_PROMPT, num_inference_steps=CLASS_STEPS, guidance_scale=CLASS_GUIDANCE, height=RES,
+                   width=RES, generator=torch.Generator().manual_seed(s)).images[0] for s in SEEDS]
+    return pixel_latents(base, images)
+
+
+def measure(tmp, checkpoint, train_seed=7):
+    """Mean distance to the nearest instance latent: of the starts, and of each model's generations per prompt."""
+    base_folder = tmp / "base"
+    single_file_to_diffusers(checkpoint, base_folder)
+    base = load_bundle(base_folder)
+    references = image_latents(base, list_images(DEMO)[0], RES)
+    starts = _starts(base)
+    folders = {"base": base_folder}
+    for lam in (0.0, 1.0):
+        folders[lam] = _trained_folder(tmp, checkpoint, lam, train_seed)
+    out = {"start": mean_nearest_distance(starts, references)}
+    for key, folder in folders.items():
+        pipe = make_pipeline(load_bundle(folder))
+        out[key] = {p: mean_nearest_distance(edited_latents(pipe, p, starts, SEEDS, STEPS, STRENGTH), references)
+                    for p in (TOKEN_PROMPT, CLASS_PROMPT)}
     return out
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory, tiny_checkpoints):
-    tmp = tmp_path_factory.mktemp("effect")
-    checkpoint = tiny_checkpoints("sd1")
-    base = tmp / "base"
-    single_file_to_diffusers(checkpoint, base)
-    references = image_latents(load_bundle(base), list_images(DEMO)[0], RES)
-    class_dir = tmp / "class-images"
-    _draw_class_members(class_dir)
-    return {
-        "base": _distances(base, references),
-        0.0: _distances(_trained_folder(tmp, checkpoint, 0.0, class_dir), references),
-        1.0: _distances(_trained_folder(tmp, checkpoint, 1.0, class_dir), references),
-    }
+    result = measure(tmp_path_factory.mktemp("effect"), tiny_checkpoints("sd1"))
+    print("distances to the nearest instance latent:", result)
+    return result
 
 
 def test_token_pulls_generations_toward_the_instances(measured):
-    print("distances to nearest instance latent:", measured)
     for lam in (0.0, 1.0):
         assert measured[lam][TOKEN_PROMPT] < 0.75 * measured["base"][TOKEN_PROMPT]
+        assert measured[lam][TOKEN_PROMPT] < measured["start"]
 
 
 def test_prior_preservation_keeps_the_class_away_from_the_instances(measured):
-    assert measured[1.0][CLASS_PROMPT] > 1.15 * measured[0.0][CLASS_PROMPT]
+    pull = {lam: measured["start"] - measured[lam][CLASS_PROMPT] for lam in (0.0, 1.0)}
+    assert pull[0.0] > 0  # without the prior, the concept leaks into the class prompt
+    # measured (checkpoint seed / training seed 0/7 and 1/11): pull 4.05 -> 2.09 and 3.66 -> 2.30,
+    # class distance 23.16 -> 25.13 and 20.73 -> 22.09; the two prompts of one model differ by < 0.1
+    assert pull[1.0] < 0.75 * pull[0.0]
+    assert measured[1.0][CLASS_PROMPT] > 1.03 * measured[0.0][CLASS_PROMPT]

@@ -52,9 +52,9 @@ def plan_to_diffusers(comp: Component, source: TensorSource, dtype: Optional[tor
         got = forward_shapes(row.op, source.shape(row.single))
         src_dtype = source.dtype(row.single)
         for i, (dkey, shape) in enumerate(zip(row.diffusers, got)):
-            want = comp.shapes.get(dkey)
-            if want is None and row.optional:
-                continue  # a buffer this transformers version does not keep
+            # a buffer this transformers version no longer keeps (position_ids under 4.46) is still
+            # written: the folder stays faithful to the file, and loading ignores it
+            want = comp.shapes.get(dkey, shape if row.optional else None)
             if want != shape:
                 plan.problems.append(f"{row.single}: shape {list(shape)} but the config expects {list(want or [])}")
                 continue
