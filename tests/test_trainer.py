@@ -171,11 +171,13 @@ def test_mixed_image_modes_are_used_and_bad_files_skipped(tiny_checkpoints, tmp_
     rgb.convert("RGBA").save(folder / "alpha.png")
     rgb.convert("CMYK").save(folder / "cmyk.jpg")
     (rgb.convert("I;16")).save(folder / "deep.png")
+    rgb.resize((12, 12)).save(folder / "tiny.png")
     (folder / "junk.png").write_bytes(b"\x89PNG broken")
     reporter = RecordingReporter()
     result = train(small_config(tmp_path, tiny_checkpoints("sd1"), instance_dir=folder, max_steps=2), reporter)
     assert result.status == "finished"
     assert any("junk.png" in w for w in reporter.warnings)
+    assert any("tiny.png 12x12" in w for w in reporter.warnings)  # used, but the user is told
 
 
 @pytest.mark.parametrize("change,phrase", [
