@@ -100,6 +100,8 @@ def main():
         measure(build_checkpoint, src, args.dtype)  # in a child, so its memory does not count below
     size = src.stat().st_size
     print(f"checkpoint: {src.name}, {size / 2**30:.2f} GiB ({args.dtype}), built in {time.perf_counter() - t0:.1f} s")
+    for old in (work / "plain.safetensors", work / "diffusers", work / "back.safetensors"):
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)  # a kept --dir from an earlier run
     rows = []
     for label, fn, a, b in [
         ("plain safetensors load+save", plain_io, src, work / "plain.safetensors"),

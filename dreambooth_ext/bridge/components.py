@@ -12,6 +12,8 @@ from dreambooth_ext.bridge.keymap_unet import unet_rows
 from dreambooth_ext.bridge.keymap_vae import vae_rows
 
 UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."  # EMA copies in training checkpoints: kept aside, never trained
+LEGACY_CLIP_PREFIX = "cond_stage_model.transformer."  # SD1's text encoder; older files lack `text_model.`
 VAE_PREFIX = "first_stage_model."
 # (single-file prefix, layout) of each text encoder, in diffusers order (text_encoder, text_encoder_2)
 TEXT_ENCODER_LAYOUTS = {

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from dreambooth_ext.bridge.components import base_family, components_for
+from dreambooth_ext.bridge.components import EMA_PREFIX, LEGACY_CLIP_PREFIX, base_family, components_for
 from dreambooth_ext.bridge.detect import Detection, detect_family
 from dreambooth_ext.bridge.diffusers_folder import EXTRAS, SIDECAR, write_configs
 from dreambooth_ext.bridge.family_data import load_family
@@ -18,8 +18,6 @@ from dreambooth_ext.bridge.tensor_io import Entry, RenamedSource, TensorSource, 
 from dreambooth_ext.errors import UserError
 
 log = logging.getLogger(__name__)
-LEGACY_CLIP_PREFIX = "cond_stage_model.transformer."
-EMA_PREFIX = "model_ema."
 
 
 @dataclass

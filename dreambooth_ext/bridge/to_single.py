@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from dreambooth_ext.bridge.components import base_family, components_for
+from dreambooth_ext.bridge.components import EMA_PREFIX, LEGACY_CLIP_PREFIX, base_family, components_for
 from dreambooth_ext.bridge.diffusers_folder import extras_source, family_from_folder, open_component, read_sidecar
 from dreambooth_ext.bridge.family_data import load_family
 from dreambooth_ext.bridge.plan import DTYPES, cast_to, plan_to_single, shapes_summary
@@ -16,8 +16,6 @@ from dreambooth_ext.bridge.tensor_io import DictSource, Entry, atomic_path, writ
 from dreambooth_ext.errors import UserError
 
 log = logging.getLogger(__name__)
-EMA_PREFIX = "model_ema."
-LEGACY_CLIP_PREFIX = "cond_stage_model.transformer."
 
 ARCHITECTURES = {  # modelspec.architecture values other tools read
     "sd1": "stable-diffusion-v1",
