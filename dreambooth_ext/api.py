@@ -9,22 +9,30 @@ must lie inside a folder the host allows (`roots()`); nothing else is read or wr
 import json
 import os
 import re
+import traceback
 from pathlib import Path
 from secrets import compare_digest
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-from fastapi import Body, Depends, HTTPException
+from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from starlette.concurrency import run_in_threadpool
 
 from dreambooth_ext import jobs
+from dreambooth_ext.bridge.tensor_io import SafetensorsSource, sniff_format
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.host.folders import apply_host_folders, check_paths
 from dreambooth_ext.train.config import load_config
 from dreambooth_ext.train.config_checks import validate
 
 PREFIX = "/dreambooth/v1"
-PATH_FIELDS = ("checkpoint", "models_dir", "workspace_dir", "init_lora")
-CONCEPT_PATH_FIELDS = ("instance_dir", "class_dir")
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
+# Request limits: far above any real run, far below what would stall the server.
+MAX_BODY = 1_000_000  # bytes of a posted config
+MAX_TEXT = 4096  # characters of any one text (a prompt, a path)
+LIST_LIMITS = {"concepts": 100, "sample_prompts": 100, "sample_seeds": 1000}
+STATUS_ITEMS = 20  # newest samples, outputs and warnings a status poll carries
+TOO_LARGE = f"The request body is larger than {MAX_BODY // 1000} kB; a training config is a few kB."
 
 
 def make_auth(credentials: Dict[str, str]):
@@ -40,75 +48,81 @@ def make_auth(credentials: Dict[str, str]):
     return auth
 
 
-# --- path safety
+# --- the posted config
 
 
-def _inside(path: Path, roots: Iterable[Path]) -> bool:
-    target = path.resolve()  # follows symlinks and '..', so neither can lead out
-    return any(target == r or r in target.parents for r in roots)
+def check_limits(body: Any) -> None:
+    """UserError when a posted config holds more than any real run needs (counts and text lengths)."""
+    if not isinstance(body, dict):
+        raise UserError("The request body must be a JSON object with the training settings.")
+    for key, most in LIST_LIMITS.items():
+        values = body.get(key)
+        if isinstance(values, list) and len(values) > most:
+            raise UserError(f"Setting '{key}' has {len(values)} entries; at most {most} are accepted.")
+    for where, text in _strings(body, "the config"):
+        if len(text) > MAX_TEXT:
+            raise UserError(f"Setting {where} is {len(text)} characters long; at most {MAX_TEXT} are accepted.")
 
 
-def check_paths(body: dict, roots: List[Path], checkpoints: Iterable[str] = ()) -> None:
-    """Raises UserError naming the first path of the config that lies outside every allowed folder.
-
-    `checkpoints`: files the WebUI itself lists (its --ckpt may lie elsewhere); allowed as the source model.
-    """
-    resolved = [Path(r).resolve() for r in roots]
-    listed = {Path(p).resolve() for p in checkpoints}
-    found = [(name, body.get(name)) for name in PATH_FIELDS]
-    for i, concept in enumerate(body.get("concepts") or [], 1):
-        if isinstance(concept, dict):
-            found += [(f"{name} of concept {i}", concept.get(name)) for name in CONCEPT_PATH_FIELDS]
-    for name, value in found:
-        if value in (None, ""):
-            continue
-        if not isinstance(value, str):
-            raise UserError(f"Setting '{name}' must be a path string, not {type(value).__name__}.")
-        if name == "checkpoint" and Path(value).resolve() in listed:
-            continue
-        if not _inside(Path(value), resolved):
-            raise UserError(f"Setting '{name}' ({value}) is outside the WebUI's models folder, the extension's "
-                            "folder and the data folders in Settings > DreamBooth; move it there or add its folder.")
+def _strings(value: Any, where: str):
+    """(where, text) of every string in a parsed JSON value, keys included."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k, f"name {str(k)[:40]!r}")
+            yield from _strings(v, f"'{str(k)[:40]}'")
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v, where)
 
 
 def prepare_config(body: dict, host, roots: List[Path]):
-    """The TrainConfig for a posted body: host defaults filled in, paths checked, settings validated."""
-    if not isinstance(body, dict):
-        raise UserError("The request body must be a JSON object with the training settings.")
-    body = dict(body)
-    if not body.get("models_dir"):  # results go where the WebUI looks, not to TrainConfig's relative default
-        body["models_dir"] = str(host.models_dir())
-    workspace_root = getattr(host, "workspace_root", lambda: None)()
-    if not body.get("workspace_dir") and workspace_root and isinstance(body.get("name"), str):
-        body["workspace_dir"] = str(workspace_root / body["name"])
-    titles = dict(host.list_checkpoints())  # a checkpoint may be named by its dropdown title
-    if isinstance(body.get("checkpoint"), str) and body["checkpoint"] in titles:
-        body["checkpoint"] = titles[body["checkpoint"]]
-    check_paths(body, roots, titles.values())
+    """The TrainConfig for a posted body: host folders filled in, paths checked, settings validated."""
+    check_limits(body)
+    body = apply_host_folders(body, host)
+    checkpoint = body.get("checkpoint")
+    if isinstance(checkpoint, str) and checkpoint:  # a checkpoint may be named by its dropdown title
+        body["checkpoint"] = host.checkpoint_file(checkpoint) or checkpoint
+    check_paths(body, roots, [path for _title, path in host.list_checkpoints()])
     cfg = load_config(body)
     return cfg, validate(cfg)
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, read no further than MAX_BODY bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise HTTPException(status_code=413, detail=TOO_LARGE)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY:
+            raise HTTPException(status_code=413, detail=TOO_LARGE)
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep, an integer too long
+        raise HTTPException(status_code=422, detail="The request body is not valid JSON; send the training "
+                                                    "settings as one JSON object.") from None
 
 
 # --- trained models
 
 
 def read_safetensors_metadata(path) -> Dict[str, str]:
-    """The `__metadata__` of a .safetensors header (8-byte length, then JSON); {} when unreadable."""
+    """The `__metadata__` of a .safetensors file, read by the bridge; {} when the file is not readable."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= 100_000_000:
-                return {}
-            header = json.loads(f.read(size))
-    except (OSError, ValueError):
+        if sniff_format(Path(path)) != "safetensors":
+            return {}
+        meta = SafetensorsSource(Path(path)).metadata
+    except Exception:  # noqa: BLE001 - a header safetensors refuses, a file removed meanwhile
         return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def _job_names(models_dir: Path, runner) -> List[str]:
+def _job_names(host, runner) -> List[str]:
     names = []
-    workspaces = models_dir / "dreambooth"
+    workspaces = host.workspace_root() or host.models_dir() / "dreambooth"
     if workspaces.is_dir():
         names = [p.name for p in workspaces.iterdir() if p.is_dir()]
     if runner.current is not None:
@@ -116,23 +130,40 @@ def _job_names(models_dir: Path, runner) -> List[str]:
     return names
 
 
+def _model_entry(path: Path, kind: str, pattern) -> Optional[dict]:
+    """The listing entry of one file; None when it is not ours or cannot be read (never an error)."""
+    try:
+        meta = read_safetensors_metadata(path) if path.suffix.lower() == ".safetensors" else {}
+        if "dreambooth_ext.steps" not in meta and not (pattern and pattern.match(path.stem)):
+            return None
+        steps = meta.get("dreambooth_ext.steps", "")
+        return {"name": path.stem, "kind": kind, "path": str(path), "size": path.stat().st_size,
+                "steps": int(steps) if steps.isdigit() and len(steps) < 12 else None,
+                "base_checkpoint": meta.get("dreambooth_ext.base_checkpoint")}
+    except (OSError, ValueError):
+        return None
+
+
 def trained_models(folders: Dict[str, Path], job_names: List[str]) -> List[dict]:
-    """Files with our metadata, or named NAME_<step> after a known job (a .ckpt has no metadata)."""
+    """Files with our metadata, or named NAME_<step> after a known job (a .ckpt has no metadata).
+
+    One unreadable file is skipped; it never fails the whole listing."""
     pattern = re.compile("^(" + "|".join(re.escape(n) for n in job_names) + r")_\d+$") if job_names else None
     found, seen = [], set()
     for kind, folder in folders.items():
         for dirpath, _dirs, files in os.walk(folder):
             for fname in sorted(files):
                 path = Path(dirpath) / fname
-                if path.suffix.lower() not in MODEL_SUFFIXES or path.resolve() in seen:
+                try:
+                    key = path.resolve()
+                except (OSError, RuntimeError):
                     continue
-                meta = read_safetensors_metadata(path) if path.suffix.lower() == ".safetensors" else {}
-                if "dreambooth_ext.steps" not in meta and not (pattern and pattern.match(path.stem)):
+                if path.suffix.lower() not in MODEL_SUFFIXES or key in seen:
                     continue
-                seen.add(path.resolve())
-                found.append({"name": path.stem, "kind": kind, "path": str(path), "size": path.stat().st_size,
-                              "steps": int(meta["dreambooth_ext.steps"]) if meta.get("dreambooth_ext.steps", "").isdigit() else None,
-                              "base_checkpoint": meta.get("dreambooth_ext.base_checkpoint")})
+                entry = _model_entry(path, kind, pattern)
+                if entry is not None:
+                    seen.add(key)
+                    found.append(entry)
     return found
 
 
@@ -140,12 +171,36 @@ def trained_models(folders: Dict[str, Path], job_names: List[str]) -> List[dict]
 
 
 def status_dict(job) -> dict:
+    """A job's state for a poll: small whatever the run, so only the newest samples, outputs and warnings."""
     if job is None:
         return {"status": "idle"}
     s = job.snapshot()
     return {"name": s.name, "status": s.status, "stage": s.stage, "step": s.step, "total": s.total,
-            "loss": s.loss, "lr": s.lr, "eta": s.eta_seconds, "samples": s.samples, "outputs": s.outputs,
-            "warnings": s.warnings, "error": s.error}
+            "loss": s.loss, "lr": s.lr, "eta": s.eta_seconds, "samples": s.samples[-STATUS_ITEMS:],
+            "outputs": s.outputs[-STATUS_ITEMS:], "warnings": s.warnings[-STATUS_ITEMS:], "error": s.error}
+
+
+def _busy(runner) -> bool:
+    return runner.current is not None and not runner.current.done
+
+
+def start_job(body: Any, host, roots: List[Path], runner) -> dict:
+    """What POST /train answers: the new job's state, or an HTTPException carrying one sentence."""
+    try:
+        check_limits(body)
+    except UserError as e:
+        raise HTTPException(status_code=422, detail=str(e)) from None
+    try:
+        cfg, warnings = prepare_config(body, host, roots)
+        on_event, around = jobs.host_hooks(host, cfg.name, cfg.max_steps)
+        job = runner.start(cfg, on_event=on_event, around=around)
+    except UserError as e:  # a bad setting, a check before any work, or another job running (409)
+        raise HTTPException(status_code=409 if _busy(runner) else 400, detail=str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a bug: one sentence to the client, the traceback in the console
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or ["no message"])[0]
+        raise HTTPException(status_code=500, detail=f"Training could not start: {type(e).__name__}: {first}") from None
+    return {**status_dict(job), "warnings": warnings}
 
 
 def add_routes(app, host, *, credentials: Optional[Dict[str, str]] = None,
@@ -155,17 +210,9 @@ def add_routes(app, host, *, credentials: Optional[Dict[str, str]] = None,
     roots = roots or host.allowed_roots
     the_runner = lambda: runner or jobs.RUNNER  # noqa: E731  (late: tests and reloads may swap jobs.RUNNER)
 
-    def train(body: dict = Body(...)):
-        try:
-            cfg, warnings = prepare_config(body, host, roots())
-        except UserError as e:
-            raise HTTPException(status_code=400, detail=str(e))
-        try:
-            on_event, around = jobs.host_hooks(host, cfg.name, cfg.max_steps)
-            job = the_runner().start(cfg, on_event=on_event, around=around)
-        except UserError as e:  # one job at a time
-            raise HTTPException(status_code=409, detail=str(e))
-        return {**status_dict(job), "warnings": warnings}
+    async def train(request: Request):
+        body = await read_json(request)  # bounded; the rest (folder checks, the job's start) off the event loop
+        return await run_in_threadpool(start_job, body, host, roots(), the_runner())
 
     def status():
         return status_dict(the_runner().current)
@@ -174,9 +221,8 @@ def add_routes(app, host, *, credentials: Optional[Dict[str, str]] = None,
         return {"cancelled": the_runner().cancel()}
 
     def models():
-        runner_now = the_runner()
         folders = {"checkpoint": host.checkpoint_dir(), "lora": host.lora_dir()}
-        return {"models": trained_models(folders, _job_names(host.models_dir(), runner_now))}
+        return {"models": trained_models(folders, _job_names(host, the_runner()))}
 
     app.add_api_route(f"{PREFIX}/train", train, methods=["POST"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], dependencies=deps)

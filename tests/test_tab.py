@@ -159,10 +159,11 @@ def test_form_reads_widget_values_as_typed_in():
         F.form_to_config(form)
 
 
-def test_save_and_load_config(host, tmp_path):
+def test_save_and_load_config(host):
     h = Handlers(host, JobRunner())
     form, extras = h.form_of(odd_config())
-    reply, path = h.save(form, extras, str(tmp_path / "cfg.json"))
+    folder = host.models_dir() / "configs"  # settings files live inside the host's folders
+    reply, path = h.save(form, extras, str(folder / "cfg.json"))
     assert reply.ok and Path(path).is_file()
     saved = json.loads(Path(path).read_text())
     assert saved["models_dir"] == str(host.models_dir())  # the host's folders, whatever the form held
@@ -173,10 +174,10 @@ def test_save_and_load_config(host, tmp_path):
 
     reply, path = h.save(form, extras, "")  # empty: the run's workspace
     assert reply.ok and path == str(host.models_dir() / "dreambooth" / "odd" / "config.json")
-    for bad in ("", str(tmp_path / "missing.json")):
+    for bad in ("", str(folder / "missing.json")):
         assert h.load(bad)[0] is None and not h.load(bad)[2].ok
-    (tmp_path / "broken.json").write_text("{nope")
-    loaded, _, reply = h.load(str(tmp_path / "broken.json"))
+    (folder / "broken.json").write_text("{nope")
+    loaded, _, reply = h.load(str(folder / "broken.json"))
     assert loaded is None and "not valid JSON" in reply.text
 
 

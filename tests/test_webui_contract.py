@@ -93,10 +93,10 @@ class _AsgiClient:
     def __init__(self, app):
         self.app = app
 
-    def request(self, method, path, json_body=None, auth=None):
-        body = json.dumps(json_body).encode() if json_body is not None else b""
+    def request(self, method, path, json_body=None, auth=None, raw=None):
+        body = raw if raw is not None else json.dumps(json_body).encode() if json_body is not None else b""
         headers = [(b"host", b"testserver"), (b"content-length", str(len(body)).encode())]
-        if json_body is not None:
+        if json_body is not None or raw is not None:
             headers.append((b"content-type", b"application/json"))
         if auth:
             headers.append((b"authorization", b"Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode())))

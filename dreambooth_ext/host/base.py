@@ -22,16 +22,36 @@ class Host:
     def lora_dir(self) -> Path:
         return self.models_dir() / "Lora"
 
+    def workspace_root(self) -> Optional[Path]:
+        """Where run workspaces go when the host sets a folder for them (None: MODELS/dreambooth)."""
+        return None
+
+    def allowed_roots(self) -> List[Path]:
+        """The folders a config from the API, and the tab's settings files, may name."""
+        root = self.workspace_root()
+        return [self.models_dir(), self.checkpoint_dir(), self.lora_dir()] + ([root] if root else [])
+
     def list_checkpoints(self) -> List[Tuple[str, str]]:
         """(title shown in the dropdown, file path) of every checkpoint the host knows."""
         raise NotImplementedError
+
+    def checkpoint_file(self, title: str) -> Optional[str]:
+        """The file a dropdown title names, or None when it names none (then it may be a path typed in)."""
+        for t, path in self.list_checkpoints():
+            if t == title:
+                return str(path)
+        return None
 
     def active_checkpoint(self) -> Optional[str]:
         """Path of the checkpoint the host has loaded, if any."""
         return None
 
     def refresh_checkpoints(self) -> None:
-        """Make the host's checkpoint list see new files."""
+        """Make the host's checkpoint list see new files (waits for the host's queue lock)."""
+
+    def refresh_checkpoints_locked(self) -> None:
+        """The same, from inside `run_exclusive`, which already holds the lock."""
+        self.refresh_checkpoints()
 
     def set_active_checkpoint(self, path: str) -> bool:
         """Load `path` as the host's active checkpoint; False where the host cannot."""

@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
+from dreambooth_ext.errors import UserError
 from dreambooth_ext.host.base import Host
 
 T = TypeVar("T")
 
 A1111, FORGE, SDNEXT = "a1111", "forge", "sdnext"
+_CHECKSUM = re.compile(r" \[[0-9a-fA-F]{8,64}\]$")  # the " [hash]" a title gains once the file is hashed
 EXTENSION_DIR = Path(__file__).resolve().parents[2]
 SECTION = ("dreambooth", "DreamBooth")
 
@@ -159,8 +161,27 @@ class WebUIHost(Host):
         # modules/sd_models.py: checkpoints_list maps title -> CheckpointInfo (SD.Next: modules/sd_checkpoint.py)
         return [(info.title, info.filename) for info in self._checkpoints()]
 
+    def checkpoint_file(self, title: str) -> Optional[str]:
+        # modules/sd_models.py: checkpoint_aliases maps every id of a checkpoint to its CheckpointInfo, the title
+        # it had before its first load and the ' [hash]' one it gains then (CheckpointInfo.calculate_shorthash);
+        # get_closet_checkpoint_match strips a trailing ' [hash]' (re_strip_checksum) the same way. Its
+        # substring match is left out: 'dog' must not name 'hotdog_800.safetensors'.
+        aliases = getattr(_m("sd_models"), "checkpoint_aliases", None) or {}
+        for key in (title, _CHECKSUM.sub("", title)):
+            info = aliases.get(key)
+            if info is not None:
+                return info.filename
+        return super().checkpoint_file(title)
+
     def refresh_checkpoints(self) -> None:
-        # modules/shared_items.py: refresh_checkpoints() is sd_models.list_models() in all three hosts
+        # A generation waiting for the queue lock must never run while list_models() has emptied the list
+        # (it fails with "No checkpoints found", or falls back to another model).
+        with self._queue_lock():
+            self.refresh_checkpoints_locked()
+
+    def refresh_checkpoints_locked(self) -> None:
+        # modules/shared_items.py: refresh_checkpoints() is sd_models.list_models() in all three hosts;
+        # list_models() clears checkpoints_list and checkpoint_aliases, then scans the folders again.
         _m("sd_models").list_models()
 
     def active_checkpoint(self) -> Optional[str]:
@@ -199,10 +220,19 @@ class WebUIHost(Host):
             # Forge loads the model at the next generation (its sd_models.load_model is a stub).
             importlib.import_module("modules_forge.main_entry").checkpoint_change(info.title)
             return True
-        # A1111 initialize_util.py / SD.Next webui.py: the option's onchange reloads the weights under the queue lock
+        # A1111 initialize_util.py / SD.Next webui.py: the option's onchange reloads the weights under the queue
+        # lock. modules/options.py Options.set returns False both when the value is unchanged and when onchange
+        # failed (it shows the error in the console and puts the old value back).
         if not shared.opts.set("sd_model_checkpoint", info.title):
-            with self._queue_lock():  # already selected: make sure it is the loaded one
-                _m("sd_models").reload_model_weights(info=info)
+            if shared.opts.data.get("sd_model_checkpoint") != info.title:
+                raise UserError(f"The WebUI could not load {Path(info.filename).name} (its console says why); "
+                                "pick it in the checkpoint list at the top of the page to try again.")
+            try:
+                with self._queue_lock():  # already selected: make sure it is the loaded one
+                    _m("sd_models").reload_model_weights(info=info)
+            except Exception as e:  # noqa: BLE001 - the WebUI's own loading failed
+                raise UserError(f"The WebUI could not load {Path(info.filename).name} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}).") from None
         try:
             shared.opts.save(shared.config_filename)
         except Exception as e:  # the checkpoint is active; only remembering it across restarts failed

@@ -38,10 +38,13 @@ FILEWORDS = "[filewords]"
 
 
 def setting(default: Any, help: str, group: str, *, min: Optional[float] = None, max: Optional[float] = None,
-            choices: Optional[typing.Sequence[str]] = None, multiple_of: Optional[int] = None):
-    """A dataclass field carrying what a CLI or a form needs to show and check it."""
+            choices: Optional[typing.Sequence[str]] = None, multiple_of: Optional[int] = None, path: bool = False):
+    """A dataclass field carrying what a CLI or a form needs to show and check it.
+
+    path=True: the value names a file or folder the run reads or writes (the API keeps those inside the
+    host's folders, so a new path setting is checked without anyone listing it again)."""
     meta = {"help": help, "group": group, "min": min, "max": max,
-            "choices": list(choices) if choices else None, "multiple_of": multiple_of}
+            "choices": list(choices) if choices else None, "multiple_of": multiple_of, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -51,7 +54,7 @@ def setting(default: Any, help: str, group: str, *, min: Optional[float] = None,
 class Concept:
     """One subject or style: its images, the prompt that names it, and its class for prior preservation."""
 
-    instance_dir: str = setting("", "Folder with the 5-50 pictures of the subject or style.", "concepts")
+    instance_dir: str = setting("", "Folder with the 5-50 pictures of the subject or style.", "concepts", path=True)
     instance_prompt: str = setting(
         "", "Prompt naming the concept with a rare token, e.g. 'a photo of sks_pixarstyle character'; "
         "may contain [filewords].", "concepts")
@@ -67,7 +70,7 @@ class Concept:
         "(empty: no prior preservation for this concept).", "class images")
     class_dir: str = setting(
         "", "Folder of class images; missing ones are generated with the base model and kept "
-        "(empty: a folder in the workspace named after the class prompt).", "class images")
+        "(empty: a folder in the workspace named after the class prompt).", "class images", path=True)
     num_class_images: int = setting(
         100, "Class images used for prior preservation (diffusers' default is 100; 0 = none).",
         "class images", min=0, max=10000)
@@ -78,16 +81,20 @@ class TrainConfig:
     """Everything one training run needs. Defaults follow diffusers' train_dreambooth.py and kohya's sd-scripts."""
 
     # model
-    checkpoint: str = setting("", "Source model: a WebUI checkpoint (.safetensors/.ckpt) or a diffusers folder.", "model")
+    checkpoint: str = setting("", "Source model: a WebUI checkpoint (.safetensors/.ckpt) or a diffusers folder.", "model",
+                          path=True)
     name: str = setting("", "Name of the new model; files are written as NAME_<step>.safetensors.", "model")
     models_dir: str = setting(
-        "models", "The WebUI's models folder; checkpoints go to its Stable-diffusion/, LoRAs to its Lora/.", "model")
+        "models", "The WebUI's models folder; checkpoints go to its Stable-diffusion/, LoRAs to its Lora/.", "model",
+        path=True)
     checkpoint_dir: str = setting(
-        "", "Where new checkpoints go (empty: MODELS_DIR/Stable-diffusion; the WebUI passes its --ckpt-dir).", "model")
+        "", "Where new checkpoints go (empty: MODELS_DIR/Stable-diffusion; the WebUI passes its --ckpt-dir).", "model",
+        path=True)
     lora_dir: str = setting(
-        "", "Where new LoRA files go (empty: MODELS_DIR/Lora; the WebUI passes its --lora-dir).", "model")
+        "", "Where new LoRA files go (empty: MODELS_DIR/Lora; the WebUI passes its --lora-dir).", "model", path=True)
     workspace_dir: str = setting(
-        "", "Folder for class images, samples and resumable state (empty: MODELS_DIR/dreambooth/NAME).", "model")
+        "", "Folder for class images, samples and resumable state (empty: MODELS_DIR/dreambooth/NAME).", "model",
+        path=True)
     family: str = setting(
         "auto", "Model family; auto reads it from the checkpoint. Use sd2-v for 768-v SD2 models, "
         "whose weights cannot tell.", "model", choices=FAMILIES)
@@ -165,7 +172,8 @@ class TrainConfig:
     lora_targets: str = setting("attention", "Layers that get adapters: attention (diffusers' default), "
                                 "attention_ff adds feed-forward (more capacity, good for styles), "
                                 "attention_ff_conv adds convolutions.", "lora", choices=LORA_TARGETS)
-    init_lora: str = setting("", "Start from an earlier LoRA file, to train in phases (empty: fresh adapters).", "lora")
+    init_lora: str = setting("", "Start from an earlier LoRA file, to train in phases (empty: fresh adapters).", "lora",
+                              path=True)
 
     # text encoder
     text_encoder_mode: str = setting(
@@ -262,6 +270,7 @@ class SettingInfo:
     max: Optional[float]
     choices: Optional[List[str]]
     multiple_of: Optional[int]
+    path: bool = False  # names a file or folder (see setting())
 
 
 def type_hints(cls) -> Dict[str, Any]:
@@ -283,7 +292,8 @@ def describe(cls=TrainConfig) -> List[SettingInfo]:
     """The settings of TrainConfig (or Concept) in declaration order, for building a form."""
     hints = type_hints(cls)
     return [SettingInfo(f.name, _kind(hints[f.name]), default_of(f), f.metadata["help"], f.metadata["group"],
-                        f.metadata["min"], f.metadata["max"], f.metadata["choices"], f.metadata["multiple_of"])
+                        f.metadata["min"], f.metadata["max"], f.metadata["choices"], f.metadata["multiple_of"],
+                        f.metadata.get("path", False))
             for f in fields(cls)]
 
 

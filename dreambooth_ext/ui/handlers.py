@@ -7,15 +7,18 @@ inside `host.run_exclusive` and reporting to the host's own progress bar.
 
 import html
 import importlib.util
+import math
 import re
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.host.base import Host
+from dreambooth_ext.host.folders import apply_host_folders, settings_file
 from dreambooth_ext.jobs import RUNNER, JobRunner, JobState, host_hooks, status_text
-from dreambooth_ext.train.config import TrainConfig, describe, load_config, save_config
+from dreambooth_ext.train.config import TrainConfig, load_config, save_config
 from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.recommend import recommended
 from dreambooth_ext.train.state import read_progress
@@ -58,11 +61,11 @@ class Handlers:
         return [title for title, _ in self.host.list_checkpoints()]
 
     def checkpoint_path(self, title: str) -> str:
-        """A title from the dropdown as a path; anything else is taken as a path typed in."""
-        for t, path in self.host.list_checkpoints():
-            if t == title:
-                return str(path)
-        return title or ""
+        """A title from the dropdown as a path (also one that has since gained its ' [hash]'); anything else
+        is taken as a path typed in."""
+        if not title:
+            return ""
+        return self.host.checkpoint_file(title) or title
 
     def checkpoint_title(self, path: str) -> str:
         if not path:
@@ -73,8 +76,14 @@ class Handlers:
         return path
 
     def refresh(self) -> List[str]:
-        self.host.refresh_checkpoints()
+        """The host's list read again; not while a job runs: the job holds the host's queue lock, which a
+        refresh waits for, and the job's end refreshes the list anyway."""
+        if not self._running():
+            self.host.refresh_checkpoints()
         return self.checkpoint_titles()
+
+    def _running(self) -> bool:
+        return self.runner.current is not None and not self.runner.current.done
 
     def initial_form(self) -> Dict[str, Any]:
         form = default_form()
@@ -85,11 +94,7 @@ class Handlers:
     def config(self, form: Dict[str, Any], extras: Sequence[Dict[str, Any]] = ()) -> TrainConfig:
         data = form_to_dict(form, extras)
         data["checkpoint"] = self.checkpoint_path(data.get("checkpoint", ""))
-        folders = {"models_dir": self.host.models_dir(), "checkpoint_dir": self.host.checkpoint_dir(),
-                   "lora_dir": self.host.lora_dir()}
-        known = {s.name for s in describe(TrainConfig)}
-        data.update({k: str(v) for k, v in folders.items() if k in known})  # results go where the host looks
-        return load_config(data)
+        return load_config(apply_host_folders(data, self.host))  # results go where the host looks
 
     def form_of(self, cfg: TrainConfig) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
         form, extras = config_to_form(cfg)
@@ -98,24 +103,30 @@ class Handlers:
 
     def default_config_path(self, form: Dict[str, Any]) -> str:
         name = str(form.get("name") or "").strip() or "dreambooth"
-        return str(self.host.models_dir() / "dreambooth" / name / "config.json")
+        root = self.host.workspace_root() or self.host.models_dir() / "dreambooth"
+        return str(Path(root) / name / "config.json")
 
     def save(self, form: Dict[str, Any], extras: Sequence[Dict[str, Any]], path: str) -> Tuple[Reply, str]:
-        """Write the form as a JSON config; an empty path means the run's workspace."""
-        path = (path or "").strip() or self.default_config_path(form)
+        """Write the form as a JSON config inside the host's folders; an empty path means the run's workspace."""
+        shown = (path or "").strip() or self.default_config_path(form)
         try:
-            written = save_config(self.config(form, extras), path)
-        except (UserError, OSError) as e:
-            return Reply(f"Not saved: {e}", ok=False), path
+            target = settings_file(shown, self.host.allowed_roots())
+            if target.exists() and not _is_settings_file(target):  # never replace a file of something else
+                raise UserError(f"{shown} exists and is not a DreamBooth settings file; choose another name.")
+            written = save_config(self.config(form, extras), target)
+        except UserError as e:
+            return Reply(f"Not saved: {e}", ok=False), shown
+        except OSError as e:
+            return Reply(f"Not saved: {shown} cannot be written ({e.strerror or e}).", ok=False), shown
         return Reply(f"Saved the settings to {written}."), str(written)
 
     def load(self, path: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]], Reply]:
-        """The form and extra concepts of a JSON config, or None and the reason."""
+        """The form and extra concepts of a JSON config inside the host's folders, or None and the reason."""
         path = (path or "").strip()
         if not path:
             return None, [], Reply("Enter the path of a JSON config file to load.", ok=False)
         try:
-            cfg = load_config(path)
+            cfg = load_config(settings_file(path, self.host.allowed_roots()))
         except UserError as e:
             return None, [], Reply(str(e), ok=False)
         form, extras = self.form_of(cfg)
@@ -125,8 +136,8 @@ class Handlers:
     def recommend(self, form: Dict[str, Any], family: str, mode: str,
                   vram_gb: Optional[float]) -> Tuple[Dict[str, Any], Reply]:
         """The form with recommended() applied; the reply lists what changed."""
-        vram = float(vram_gb) if vram_gb not in (None, "") else None
         try:
+            vram = _memory_gb(vram_gb)
             changes = recommended(family, mode, vram, have_bitsandbytes=_have("bitsandbytes"))
         except UserError as e:
             return form, Reply(str(e), ok=False)
@@ -143,15 +154,19 @@ class Handlers:
 
     # --- training
     def train(self, form: Dict[str, Any], extras: Sequence[Dict[str, Any]] = (), resume: bool = False) -> Reply:
-        """Start a job from the form; a job already running gets the runner's message, not a second job."""
+        """Start a job from the form; a job already running gets the runner's message, not a second job.
+        Whatever the runner refuses at its start (checks before any work) is the reply, word for word."""
         try:
             cfg = self.config(form, extras)
             validate(load_config(cfg))  # a copy: hard errors now; warnings come through the job
-            saved = read_progress(cfg.workspace_path())
+            saved = _saved_progress(cfg)
             on_event, around = host_hooks(self.host, cfg.name, cfg.max_steps)
             self.runner.start(cfg, on_event=on_event, around=around)
         except UserError as e:
             return Reply(str(e), ok=False)
+        except Exception as e:  # noqa: BLE001 - a bug: one sentence here, the traceback in the console
+            traceback.print_exc()
+            return Reply(f"Training could not start: {type(e).__name__}: {_first_line(e)}", ok=False)
         return Reply(_start_text(cfg, saved, resume))
 
     def interrupt(self) -> Reply:
@@ -182,16 +197,29 @@ class Handlers:
         found = self._checkpoints(job.snapshot()) if job is not None else []
         if not found:
             return Reply("No trained checkpoint to load yet.", ok=False)
+        if self._running():  # loading waits for the queue lock, which the running job holds
+            return Reply("Training is running; make its checkpoint active once it has finished.", ok=False)
         path = found[-1]
-        self.host.refresh_checkpoints()
-        if self.host.set_active_checkpoint(path):
-            self.activated_title = self.checkpoint_title(path)  # for the page's own checkpoint dropdown
-            return Reply(f"{Path(path).name} is now the active checkpoint.")
+        try:
+            self.host.refresh_checkpoints()
+            if self.host.set_active_checkpoint(path):
+                self.activated_title = self.checkpoint_title(path)  # for the page's own checkpoint dropdown
+                return Reply(f"{Path(path).name} is now the active checkpoint.")
+        except UserError as e:
+            return Reply(str(e), ok=False)
         return Reply(f"This host cannot switch checkpoints; pick {Path(path).name} in its checkpoint list.", ok=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Text
+
+
+def _saved_progress(cfg: TrainConfig):
+    """The run's saved progress for the reply's wording; an unreadable one is the runner's to refuse."""
+    try:
+        return read_progress(cfg.workspace_path())
+    except Exception:  # noqa: BLE001 - e.g. a corrupt progress.json: the job's own start says what is wrong
+        return None
 
 
 def _start_text(cfg: TrainConfig, saved, resume: bool) -> str:
@@ -242,6 +270,32 @@ def reply_html(reply: Optional[Reply]) -> str:
         return ""
     css = "dreambooth-message" + ("" if reply.ok else " dreambooth-error")
     return f'<div class="{css}">{html.escape(reply.text)}</div>'
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else "no message"
+
+
+def _memory_gb(value) -> Optional[float]:
+    """The GPU memory typed into the recommendations box; None when left empty (unknown)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        gb = math.nan
+    if not (math.isfinite(gb) and 0 < gb <= 4096):
+        raise UserError(f"GPU memory must be a number of GB such as 8, 12 or 24 (or empty when unknown), not {value!r}.")
+    return gb
+
+
+def _is_settings_file(path: Path) -> bool:
+    try:
+        load_config(path)
+        return True
+    except UserError:
+        return False
 
 
 def _have(module: str) -> bool:
