@@ -162,6 +162,7 @@ def _explain(e: Exception) -> str:
 def host_hooks(host, title: str, total: int) -> Tuple[Callable, Callable]:
     """(on_event, around) that tie a job to its host: the GPU lock, the host's progress bar and its
     Interrupt button, and a refreshed checkpoint list when files were written. The tab and the API share them."""
+    wrote = threading.Event()
 
     def around(fn):
         def with_progress():
@@ -170,6 +171,8 @@ def host_hooks(host, title: str, total: int) -> Tuple[Callable, Callable]:
                 return fn()
             finally:
                 host.progress_end()
+                if wrote.is_set():  # still holding the queue lock: a waiting generation never sees the list empty
+                    _refresh(host)
 
         return host.run_exclusive(with_progress)
 
@@ -179,10 +182,18 @@ def host_hooks(host, title: str, total: int) -> Tuple[Callable, Callable]:
             host.progress_update(s.step, s.total, status_text(s))
             if host.interrupted():  # the WebUI's own Interrupt button
                 job.cancel()
-        elif event == "end" and job.snapshot().outputs:
-            host.refresh_checkpoints()  # the host's dropdown shows the new files
+        elif event == "output":
+            wrote.set()
 
     return on_event, around
+
+
+def _refresh(host) -> None:
+    """The host's dropdown shows the new files; a failure here must not hide the training's own result."""
+    try:
+        host.refresh_checkpoints_locked()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
 
 
 def status_text(s: JobState) -> str:

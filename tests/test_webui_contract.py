@@ -445,7 +445,9 @@ def test_active_checkpoint_and_set_active(webui):
     assert h.set_active_checkpoint(str(new))
     assert webui.sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(new)
     assert h.active_checkpoint() == str(new)
-    assert json.loads(Path(webui.shared.config_filename).read_text())["sd_model_checkpoint"] == "dog_800.safetensors"
+    # the WebUI remembers the title the load gave it: with the ' [hash]' it gained (sd_models.load_model_weights)
+    saved = json.loads(Path(webui.shared.config_filename).read_text())["sd_model_checkpoint"]
+    assert saved.startswith("dog_800.safetensors [") and webui.sd_models.checkpoint_aliases[saved].filename == str(new)
     assert not h.set_active_checkpoint(str(webui.tmp / "missing.safetensors"))
 
 

@@ -6,15 +6,23 @@ class FIFOLock:
 
     def __init__(self):
         self._lock = threading.Lock()
+        self.holder = None  # double only: the thread holding it, so tests can see who refreshes under it
 
     def acquire(self, blocking=True):
-        return self._lock.acquire(blocking)
+        got = self._lock.acquire(blocking)
+        if got:
+            self.holder = threading.get_ident()
+        return got
 
     def release(self):
+        self.holder = None
         self._lock.release()
 
     def locked(self):  # double only: lets tests see the lock is held
         return self._lock.locked()
+
+    def held_by_me(self):  # double only
+        return self._lock.locked() and self.holder == threading.get_ident()
 
     __enter__ = acquire
 

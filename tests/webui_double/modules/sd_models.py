@@ -1,4 +1,6 @@
+import hashlib
 import os
+import re
 
 from modules import call_queue, paths, shared
 
@@ -9,8 +11,22 @@ checkpoint_aliases = {}  # sd_models.py: checkpoint_aliases, every id -> Checkpo
 calls = []  # double only: the model-moving calls, for tests
 
 
+sha256_cache = {}  # double only: hashes.sha256_from_cache's cache.json, filename -> sha256
+between_clear_and_refill = None  # double only: called while list_models() has emptied the list (tests widen it)
+
+
+def _sha256(filename):  # modules/hashes.py: sha256(filename, title) computes once, then reads the cache
+    if filename not in sha256_cache:
+        with open(filename, "rb") as f:
+            sha256_cache[filename] = hashlib.sha256(f.read()).hexdigest()
+    return sha256_cache[filename]
+
+
 class CheckpointInfo:
-    """sd_models.py: CheckpointInfo(filename): filename, name, name_for_extra, model_name, title, ids."""
+    """sd_models.py: CheckpointInfo(filename): filename, name, name_for_extra, model_name, title, ids.
+
+    The title is the name alone until the file's sha256 is known; its first load (calculate_shorthash)
+    makes it 'NAME [shorthash]', and every later list_models() finds the hash in the cache."""
 
     def __init__(self, filename):
         self.filename = filename
@@ -25,30 +41,71 @@ class CheckpointInfo:
         self.name = name.lstrip("\\/")
         self.name_for_extra = os.path.splitext(os.path.basename(filename))[0]
         self.model_name = os.path.splitext(self.name.replace("/", "_").replace("\\", "_"))[0]
-        self.title = self.name  # A1111 appends " [shorthash]" once the sha256 is cached
-        self.short_title = self.name_for_extra
+        self.sha256 = sha256_cache.get(filename)  # hashes.sha256_from_cache()
+        self.shorthash = self.sha256[0:10] if self.sha256 else None
+        self.title = self.name if self.shorthash is None else f"{self.name} [{self.shorthash}]"
+        self.short_title = self.name_for_extra if self.shorthash is None else f"{self.name_for_extra} [{self.shorthash}]"
         self.ids = [self.model_name, self.title, self.name, self.name_for_extra]
+        if self.shorthash:
+            self.ids += self._hash_ids()
+
+    def _hash_ids(self):
+        return [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]", f"{self.name_for_extra} [{self.shorthash}]"]
 
     def register(self):  # sd_models.py: CheckpointInfo.register()
         checkpoints_list[self.title] = self
         for id in self.ids:
             checkpoint_aliases[id] = self
 
+    def calculate_shorthash(self):  # sd_models.py: CheckpointInfo.calculate_shorthash(), run by every load
+        self.sha256 = _sha256(self.filename)
+        if self.shorthash == self.sha256[0:10]:
+            return self.shorthash
+        self.shorthash = self.sha256[0:10]
+        if self.shorthash not in self.ids:
+            self.ids += self._hash_ids()
+        old_title, self.title = self.title, f"{self.name} [{self.shorthash}]"
+        self.short_title = f"{self.name_for_extra} [{self.shorthash}]"
+        # sd_models.py: replace_key() renames the entry in place, keeping the list's order
+        items = [(self.title if k == old_title else k, v) for k, v in checkpoints_list.items()]
+        checkpoints_list.clear()
+        checkpoints_list.update(items)
+        self.register()
+        return self.shorthash
+
 
 def checkpoint_tiles(use_short=False):  # sd_models.py: checkpoint_tiles(use_short=False)
     return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
 
 
-def list_models():  # sd_models.py: list_models(); modelloader.load_models scans model_path and --ckpt-dir
+def list_models():
+    """sd_models.py: list_models() empties checkpoints_list and checkpoint_aliases, then scans model_path and
+    --ckpt-dir (modelloader.load_models) and registers each file again: in between, the list is empty."""
     checkpoints_list.clear()
     checkpoint_aliases.clear()
     calls.append(("list_models",))
+    if between_clear_and_refill is not None:
+        between_clear_and_refill()
     folders = [model_path] + ([shared.cmd_opts.ckpt_dir] if shared.cmd_opts.ckpt_dir else [])
     for folder in folders:
         for dirpath, _dirs, files in os.walk(folder):
             for f in sorted(files):
                 if f.endswith((".ckpt", ".safetensors")) and not f.endswith((".vae.ckpt", ".vae.safetensors")):
                     CheckpointInfo(os.path.join(dirpath, f)).register()
+
+
+def get_closet_checkpoint_match(search_string):
+    """sd_models.py: get_closet_checkpoint_match(): an alias, else the shortest title containing the string,
+    else the same with a trailing ' [hash]' taken off."""
+    if not search_string:
+        return None
+    if search_string in checkpoint_aliases:
+        return checkpoint_aliases[search_string]
+    for wanted in (search_string, re.sub(r"\s*\[[^]]+]\s*$", "", search_string)):
+        found = sorted((i for i in checkpoints_list.values() if wanted in i.title), key=lambda i: len(i.title))
+        if found:
+            return found[0]
+    return None
 
 
 def select_checkpoint():  # sd_models.py: select_checkpoint(); raises FileNotFoundError without checkpoints
@@ -99,6 +156,9 @@ def send_model_to_device(m):  # sd_models.py: send_model_to_device(m)
 def load_model(checkpoint_info=None, already_loaded_state_dict=None):  # sd_models.py: load_model()
     checkpoint_info = checkpoint_info or select_checkpoint()
     calls.append(("load_model", checkpoint_info.filename))
+    # sd_models.py: load_model_weights() hashes the file (the title gains ' [hash]') and records the title
+    checkpoint_info.calculate_shorthash()
+    shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
     model_data.set_sd_model(FakeModel(checkpoint_info))
     model_data.was_loaded_at_least_once = True
     return model_data.sd_model

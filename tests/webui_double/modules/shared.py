@@ -14,6 +14,9 @@ cmd_opts = argparse.Namespace(
 config_filename = cmd_opts.ui_settings_file  # modules/shared.py: config_filename
 
 
+shown_errors = []  # double only: what errors.display() would print to the console
+
+
 class OptionInfo:
     """modules/options.py: OptionInfo (re-exported as shared.OptionInfo)."""
 
@@ -46,16 +49,28 @@ class Options:
             return
         object.__setattr__(self, key, value)
 
-    def set(self, key, value, is_api=False, run_callbacks=True):  # options.py: Options.set()
+    def set(self, key, value, is_api=False, run_callbacks=True):
+        """options.py: Options.set(): False when unchanged, not saved, API-restricted, or when onchange fails;
+        a failing onchange is shown in the console (errors.display), the old value put back, nothing raised."""
         oldval = self.data.get(key, None)
         if oldval == value:
             return False
         option = self.data_labels[key]
+        if option.do_not_save:
+            return False
         if is_api and option.restrict_api:
             return False
-        setattr(self, key, value)
+        try:
+            setattr(self, key, value)
+        except RuntimeError:
+            return False
         if run_callbacks and option.onchange is not None:
-            option.onchange()
+            try:
+                option.onchange()
+            except Exception as e:
+                shown_errors.append((key, value, e))
+                setattr(self, key, oldval)
+                return False
         return True
 
     def add_option(self, key, info):  # options.py: Options.add_option()
