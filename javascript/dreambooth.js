@@ -20,6 +20,8 @@
     }
 
     let polledOnce = false;
+    let written = "";  // what the status line last said an ended job wrote
+    let sawRunning = false;  // a job ran while this page was open
 
     function tick() {
         const app = root();
@@ -30,6 +32,21 @@
             polledOnce = true;
             button.click();
         }
+        noticeWritten(app, running);
+    }
+
+    // A job that ended has written checkpoints the page has not listed yet: the server's list is already
+    // fresh (refreshed under the WebUI's queue lock), so the WebUI's own refresh button brings it to the
+    // checkpoint dropdown at the top of the page. A job that ended before the page opened needs nothing.
+    function noticeWritten(app, running) {
+        const line = app.querySelector("#dreambooth_status [data-dreambooth-written]");
+        const now = line ? line.getAttribute("data-dreambooth-written") : "";
+        if (sawRunning && now && now !== written) {
+            const refresh = app.querySelector("#refresh_sd_model_checkpoint");
+            if (refresh) refresh.click();
+        }
+        written = now;
+        sawRunning = sawRunning || running;
     }
 
     // After "Make it the active checkpoint": the server has switched models; make the WebUI's own

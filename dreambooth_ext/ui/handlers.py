@@ -48,6 +48,7 @@ class View:
     warnings: List[str] = field(default_factory=list)
     error: str = ""
     finished: bool = False  # ended with a checkpoint to offer as the active one
+    written: str = ""  # names the checkpoints an ended job wrote; a change makes the page refresh its own list
 
 
 class Handlers:
@@ -183,10 +184,12 @@ class Handlers:
         running = s.status in ("starting", "running")
         key = f"{id(job)}:{s.status}:{len(s.losses)}:{len(s.samples)}:{len(s.outputs)}:{len(s.warnings)}"
         samples = [(p, _sample_caption(p)) for p in reversed(s.samples)]
-        finished = s.status == "finished" and bool(self._checkpoints(s))
+        checkpoints = self._checkpoints(s)
+        finished = s.status == "finished" and bool(checkpoints)
+        written = f"{id(job)}:{len(checkpoints)}" if checkpoints and not running else ""
         return View(key=key, running=running, status=status_text(s), losses=s.losses, samples=samples,
                     outputs=[p for p in s.outputs if not p.endswith(".yaml")], warnings=s.warnings,
-                    error=s.error, finished=finished)
+                    error=s.error, finished=finished, written=written)
 
     def _checkpoints(self, s: JobState) -> List[str]:
         return [p for p in s.outputs if p.endswith(CHECKPOINT_SUFFIXES) and not _inside(p, self.host.lora_dir())]
@@ -244,9 +247,11 @@ def _sample_caption(path: str) -> str:
 
 
 def view_html(view: View) -> str:
-    """The status line; its `dreambooth-running` class tells javascript/dreambooth.js to keep polling."""
+    """The status line; its `dreambooth-running` class tells javascript/dreambooth.js to keep polling, and a new
+    `data-dreambooth-written` to refresh the WebUI's own checkpoint dropdown."""
     css = "dreambooth-status-line" + (" dreambooth-running" if view.running else "")
-    parts = [f'<div class="{css}">{html.escape(view.status)}</div>']
+    written = f' data-dreambooth-written="{html.escape(view.written)}"' if view.written else ""
+    parts = [f'<div class="{css}"{written}>{html.escape(view.status)}</div>']
     if view.error:
         parts.append(f'<div class="dreambooth-error">{html.escape(view.error)}</div>')
     for w in view.warnings[-5:]:
