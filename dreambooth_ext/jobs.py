@@ -4,6 +4,7 @@ The tab, the API and the standalone page drive training through this: start a jo
 config, read `snapshot()` while it runs, `cancel()` it between steps, start it again to resume.
 """
 
+import re
 import threading
 import time
 import traceback
@@ -42,8 +43,7 @@ class Job(Reporter):
         self._stop = threading.Event()
         self._state = JobState(name=cfg.name, total=cfg.max_steps)
         self._on_event = on_event
-        self._first_step: Optional[int] = None
-        self._t0 = time.time()
+        self._since: Optional[Tuple[int, float]] = None  # (step, time) the ETA's rate is measured from
         self.thread: Optional[threading.Thread] = None
 
     # --- read from any thread
@@ -72,14 +72,19 @@ class Job(Reporter):
         self._update("stage", stage=text if total is None else f"{text} {done}/{total}")
 
     def start(self, first_step, total, history=()):
-        self._first_step, self._t0 = first_step, time.time()
+        self._since = None
         with self._lock:
             self._state.losses = [list(p) for p in history]  # a resumed run's plot starts where it left off
         self._update("start", status="running", step=first_step, total=total)
 
     def progress(self, step, total, loss, lr):
-        done = step - (self._first_step or 0)
-        eta = (time.time() - self._t0) / done * (total - step) if done > 0 else None
+        # The rate counts only this session's steps after its first one: the first step after a start or a
+        # Resume carries the warm-up (kernels, memory), and steps saved before a Resume took no time now.
+        now, eta = time.time(), None
+        if self._since is None:
+            self._since = (step, now)
+        elif step > self._since[0]:
+            eta = (now - self._since[1]) / (step - self._since[0]) * (total - step)
         with self._lock:
             self._state.losses.append([step, loss])
         self._update("progress", step=step, total=total, loss=loss, lr=lr, eta_seconds=eta)
@@ -200,7 +205,7 @@ def status_text(s: JobState) -> str:
     """'running · training on cpu · step 12/40 · loss 0.5454 · ETA 1:07' and the like."""
     parts = [s.status]
     if s.stage and s.status in ("starting", "running", "cancelled"):
-        parts.append(s.stage)
+        parts.append(readable_stage(s.stage))
     if s.total and s.status != "starting":
         parts.append(f"step {s.step}/{s.total}")
     if s.loss is not None:
@@ -208,6 +213,25 @@ def status_text(s: JobState) -> str:
     if s.eta_seconds is not None and s.status == "running":
         parts.append(f"ETA {_duration(s.eta_seconds)}")
     return " · ".join(parts)
+
+
+_CONVERTED = re.compile(r"\s*([\w.-]+): \d+ tensors")  # the bridge's line per converted component
+_CONVERTING = re.compile(r"converting (.+?) \((.+?)(?:, [^,)]*)?\) to .*")
+
+
+def readable_stage(stage: str) -> str:
+    """The trainer's and the bridge's progress lines as a user reads them ('converting base.safetensors
+    (SD 1.x) for training', not '  vae: 180 tensors' or a workspace path)."""
+    text = stage.strip()
+    done = _CONVERTED.fullmatch(stage)
+    if done:
+        return f"converting the base model for training ({done.group(1)} done)"
+    converting = _CONVERTING.fullmatch(text)
+    if converting:
+        return f"converting {converting.group(1)} ({converting.group(2)}) for training"
+    if text.startswith("loading ") and ("/" in text or "\\" in text):
+        return "loading the base model"
+    return text
 
 
 def _duration(seconds: float) -> str:
