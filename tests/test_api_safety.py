@@ -200,3 +200,16 @@ def test_a_refusal_at_the_runners_start_is_the_answer(webui, monkeypatch):
     c = client(started_app(webui, api=True))
     r = c.post(TRAIN, json=_config(webui))
     assert (r.status_code, r.json()["detail"]) == (400, "Folder dog has no images; put the pictures of the subject in it.")
+
+
+@pytest.mark.parametrize("workspace_setting", [False, True])
+def test_a_name_that_climbs_out_is_refused(webui, monkeypatch, outside, workspace_setting):
+    ran = []
+    _fake_runner(monkeypatch, lambda cfg, job: ran.append(cfg))
+    c = client(started_app(webui, api=True))
+    if workspace_setting:
+        webui.shared.opts.set("dreambooth_workspace_dir", str(webui.models / "spaces"))
+    name = "../../../outside/evil"
+    r = c.post(TRAIN, json=_config(webui, name=name))
+    assert r.status_code == 400 and r.json()["detail"].startswith(f"Setting 'name' ({name!r}) contains '/'")
+    assert ran == [] and _files(outside) == ["mine.txt"]

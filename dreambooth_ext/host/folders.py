@@ -30,9 +30,15 @@ def apply_host_folders(data: Dict[str, Any], host) -> Dict[str, Any]:
             out[key] = str(folder)
     root = host.workspace_root()
     name = out.get("name")
-    if not out.get("workspace_dir") and root is not None and isinstance(name, str) and name.strip():
-        out["workspace_dir"] = str(Path(root) / name.strip())
+    if not out.get("workspace_dir") and root is not None and _plain_name(name):
+        out["workspace_dir"] = str(Path(root) / name)
     return out
+
+
+def _plain_name(name) -> bool:
+    """A name that stays one folder below the workspace root; any other is refused later, by the name check."""
+    return isinstance(name, str) and bool(name.strip()) and "/" not in name and "\\" not in name \
+        and name not in (".", "..") and "\x00" not in name
 
 
 def resolved(path) -> Path:
