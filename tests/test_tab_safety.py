@@ -158,3 +158,53 @@ def test_an_unreadable_progress_file_does_not_break_resume(tab):
     h.runner = Refusing()
     reply = h.train(_form(h), resume=True)
     assert not reply.ok and reply.text.startswith("progress.json of 'safe' is not readable")
+
+
+class OpenHost(FakeHost):
+    """A page others can open (the WebUI's --listen or --share)."""
+
+    def non_local(self):
+        return True
+
+
+def test_a_page_open_to_others_keeps_runs_inside_the_hosts_folders(tab, tmp_path):
+    h, host, outside = tab
+    local_reply = Handlers(host, h.runner).config(_form(h, **{"concept1.class_dir": str(outside / "class")}))
+    assert local_reply.concepts[0].class_dir == str(outside / "class")  # on one's own machine any folder goes
+    open_host = OpenHost(host.models_dir())
+    open_host.active = host.active
+    started = []
+
+    class Recording(JobRunner):
+        def start(self, cfg, **kwargs):
+            started.append(cfg)
+
+    h2 = Handlers(open_host, Recording())
+    inside = host.models_dir() / "data" / "dog"
+    inside.mkdir(parents=True)
+    reply = h2.train(_form(h2, **{"concept1.instance_dir": str(inside), "concept1.class_dir": str(outside / "class")}))
+    assert not reply.ok and reply.text == (
+        f"Setting 'class_dir of concept 1' ({outside / 'class'}) is outside the WebUI's models folder, the "
+        "extension's folder and the data folders in Settings > DreamBooth; move it there or add its folder.")
+    assert started == [] and _listing(outside) == ["notes.json"]
+    assert h2.train(_form(h2, **{"concept1.instance_dir": str(inside)})).ok and len(started) == 1
+
+
+def test_the_webui_says_when_it_is_open_to_others(monkeypatch, tmp_path):
+    from tests.test_webui_contract import DOUBLE
+    import sys
+
+    monkeypatch.syspath_prepend(str(DOUBLE))
+    for name in list(sys.modules):
+        if name.split(".")[0] == "modules":
+            monkeypatch.delitem(sys.modules, name)
+    from modules import shared
+
+    from dreambooth_ext.host.webui import WebUIHost
+
+    assert not WebUIHost("a1111").non_local()
+    monkeypatch.setattr(shared.cmd_opts, "webui_is_non_local", True)
+    assert WebUIHost("a1111").non_local()
+    monkeypatch.delattr(shared.cmd_opts, "webui_is_non_local")  # SD.Next: the flags themselves
+    monkeypatch.setattr(shared.cmd_opts, "listen", True)
+    assert WebUIHost("sdnext").non_local()

@@ -26,6 +26,11 @@ class Host:
         """Where run workspaces go when the host sets a folder for them (None: MODELS/dreambooth)."""
         return None
 
+    def non_local(self) -> bool:
+        """The page is open to other machines (the WebUI's --listen, --share): the tab then keeps every path
+        of a run inside `allowed_roots`, as the API always does."""
+        return False
+
     def allowed_roots(self) -> List[Path]:
         """The folders a config from the API, and the tab's settings files, may name."""
         root = self.workspace_root()

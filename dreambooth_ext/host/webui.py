@@ -126,6 +126,15 @@ class WebUIHost(Host):
         root = self.workspace_root()
         return roots + ([root] if root else []) + self.data_dirs()
 
+    def non_local(self) -> bool:
+        # A1111/Forge modules/shared_cmd_options.py: webui_is_non_local (--share, --listen, --ngrok, --server-name);
+        # SD.Next has no such attribute, so the same flags are read one by one.
+        cmd = _m("shared").cmd_opts
+        known = getattr(cmd, "webui_is_non_local", None)
+        if known is not None:
+            return bool(known)
+        return any(getattr(cmd, flag, None) for flag in ("share", "listen", "ngrok", "server_name"))
+
     # --- API switches
 
     def api_enabled(self) -> bool:

@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.host.base import Host
-from dreambooth_ext.host.folders import apply_host_folders, settings_file
+from dreambooth_ext.host.folders import apply_host_folders, check_paths, settings_file
 from dreambooth_ext.jobs import RUNNER, JobRunner, JobState, host_hooks, status_text
-from dreambooth_ext.train.config import TrainConfig, load_config, save_config
+from dreambooth_ext.train.config import TrainConfig, load_config, save_config, to_dict
 from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.recommend import recommended
 from dreambooth_ext.train.state import read_progress
@@ -159,6 +159,8 @@ class Handlers:
         Whatever the runner refuses at its start (checks before any work) is the reply, word for word."""
         try:
             cfg = self.config(form, extras)
+            if self.host.non_local():  # anyone who can open the page may press Train: the API's folder rule
+                check_paths(to_dict(cfg), self.host.allowed_roots(), [p for _t, p in self.host.list_checkpoints()])
             validate(load_config(cfg))  # a copy: hard errors now; warnings come through the job
             saved = _saved_progress(cfg)
             on_event, around = host_hooks(self.host, cfg.name, cfg.max_steps)

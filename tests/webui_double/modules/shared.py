@@ -9,8 +9,10 @@ from modules import paths
 cmd_opts = argparse.Namespace(
     api=False, api_auth=None, nowebui=False, ckpt_dir=None, ckpt=None, no_download_sd_model=True,
     lora_dir=os.path.join(paths.models_path, "Lora"), ui_settings_file=os.path.join(paths.data_path, "config.json"),
-    freeze_settings=False,
+    freeze_settings=False, share=False, listen=False, ngrok=None, server_name=None,
 )
+# modules/shared_cmd_options.py: set once the flags are parsed
+cmd_opts.webui_is_non_local = any([cmd_opts.share, cmd_opts.listen, cmd_opts.ngrok, cmd_opts.server_name])
 config_filename = cmd_opts.ui_settings_file  # modules/shared.py: config_filename
 
 
