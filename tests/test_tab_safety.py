@@ -208,3 +208,11 @@ def test_the_webui_says_when_it_is_open_to_others(monkeypatch, tmp_path):
     monkeypatch.delattr(shared.cmd_opts, "webui_is_non_local")  # SD.Next: the flags themselves
     monkeypatch.setattr(shared.cmd_opts, "listen", True)
     assert WebUIHost("sdnext").non_local()
+
+
+def test_the_standalone_page_served_beyond_this_machine_keeps_to_its_folder(tmp_path):
+    from dreambooth_ext.host.standalone import StandaloneHost
+
+    assert not StandaloneHost(tmp_path, offer_tiny=False).non_local()
+    host = StandaloneHost(tmp_path, offer_tiny=False, non_local=True)
+    assert host.non_local() and host.allowed_roots()[0] == tmp_path.resolve()

@@ -178,3 +178,18 @@ def test_the_refresh_button_does_not_wait_for_a_running_job(webui, monkeypatch):
     release.set()
     assert answered and answered[0] == webui.sd_models.checkpoint_tiles() and str(base)
     runner.current.thread.join(10)
+
+
+def test_the_tabs_dropdown_follows_a_title_that_gained_its_hash(webui):
+    from dreambooth_ext.ui.tab import Tab
+
+    add_checkpoint(webui.models / "Stable-diffusion", "base.safetensors")
+    webui.sd_models.list_models()
+    tab = Tab(host())
+    tab.build()
+    assert tab.checkpoint.value in ("", None) or tab.checkpoint.value == "base.safetensors"
+    webui.sd_models.load_model()  # the first generation loads it: its title gains ' [hash]'
+    update = tab._refresh("base.safetensors")
+    [title] = webui.sd_models.checkpoint_tiles()
+    assert title != "base.safetensors" and update["value"] == title
+    assert title in str(update["choices"])

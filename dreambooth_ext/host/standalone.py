@@ -20,14 +20,18 @@ CHECKPOINT_PATTERNS = ("*.safetensors", "*.ckpt")
 class StandaloneHost(Host):
     name = "standalone"
 
-    def __init__(self, models_dir: Union[str, Path] = "models", offer_tiny: bool = True):
+    def __init__(self, models_dir: Union[str, Path] = "models", offer_tiny: bool = True, non_local: bool = False):
         self._models = Path(models_dir).resolve()
+        self._non_local = non_local
         self._offer_tiny = offer_tiny
         self._active: Optional[str] = None
         self._tiny_lock = threading.Lock()
 
     def models_dir(self) -> Path:
         return self._models
+
+    def non_local(self) -> bool:
+        return self._non_local
 
     def tiny_checkpoint(self) -> Path:
         """The built-in tiny model, written (about 2 s) the first time it is asked for."""

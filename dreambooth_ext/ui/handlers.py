@@ -76,6 +76,10 @@ class Handlers:
                 return title
         return path
 
+    def current_title(self, value: str) -> str:
+        """The dropdown's value as a title of the list now: a title that has since gained ' [hash]' gets it."""
+        return self.checkpoint_title(self.checkpoint_path(value)) if value else ""
+
     def refresh(self) -> List[str]:
         """The host's list read again; not while a job runs: the job holds the host's queue lock, which a
         refresh waits for, and the job's end refreshes the list anyway."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_ADDRESSES = ("127.0.0.1", "localhost", "::1")
 
 
 def page_css() -> str:
@@ -48,7 +49,8 @@ def serve(models_dir: str = "models", host: str = "127.0.0.1", port: int = 7870,
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
     from dreambooth_ext.host.standalone import StandaloneHost
 
-    web_host = StandaloneHost(models_dir, offer_tiny=offer_tiny)
+    # served beyond this machine: runs keep to the models folder, as in a WebUI started with --listen
+    web_host = StandaloneHost(models_dir, offer_tiny=offer_tiny, non_local=host not in LOCAL_ADDRESSES)
     page = build_page(web_host)
     print(f"DreamBooth: serving http://{host}:{port} (models folder {web_host.models_dir()})", flush=True)
     page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, inbrowser=False,

@@ -165,7 +165,8 @@ class Tab:
         return self.form.to_dict(values[:len(self.form.keys)])
 
     def _refresh(self, current):
-        return self._choices(self.h.refresh(), current)
+        titles = self.h.refresh()
+        return self._choices(titles, self.h.current_title(current))
 
     @staticmethod
     def _choices(titles, current):
@@ -200,7 +201,8 @@ class Tab:
 
     def _activate(self, current):
         reply = self.h.activate()
-        return reply_html(reply), self._choices(self.h.checkpoint_titles(), current), self.h.activated_title
+        return reply_html(reply), self._choices(self.h.checkpoint_titles(), self.h.current_title(current)), \
+            self.h.activated_title
 
     def _page_poll(self, seen, current) -> List[Any]:
         """The page's own polling; its first call (nothing seen yet) also sets the source checkpoint."""
@@ -222,7 +224,7 @@ class Tab:
             return self._choices(self.h.checkpoint_titles(), self.h.initial_form()["checkpoint"] or current)
         if view.running or not view.outputs:
             return compat.unchanged()
-        return self._choices(self.h.checkpoint_titles(), current)
+        return self._choices(self.h.checkpoint_titles(), self.h.current_title(current))
 
 
 def build_tab(host: Host, handlers: Optional[Handlers] = None) -> gr.Blocks:
