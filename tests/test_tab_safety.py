@@ -127,7 +127,8 @@ def test_recommend_with_odd_memory_is_one_sentence(tab, memory):
     form = _form(h)
     filled, reply = h.recommend(form, "sd1", "lora", memory)
     assert filled == form and not reply.ok
-    assert reply.text == f"GPU memory must be a number of GB such as 8, 12 or 24 (or empty when unknown), not {memory!r}."
+    assert reply.text == ("GPU memory must be a number of GB such as 8, 12 or 24 (or empty when unknown), "
+                          f"not {memory!r}.")
 
 
 def test_a_refusal_at_the_runners_start_is_the_reply(tab):

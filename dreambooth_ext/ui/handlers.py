@@ -297,7 +297,8 @@ def _memory_gb(value) -> Optional[float]:
     except (TypeError, ValueError):
         gb = math.nan
     if not (math.isfinite(gb) and 0 < gb <= 4096):
-        raise UserError(f"GPU memory must be a number of GB such as 8, 12 or 24 (or empty when unknown), not {value!r}.")
+        raise UserError("GPU memory must be a number of GB such as 8, 12 or 24 (or empty when unknown), "
+                        f"not {value!r}.")
     return gb
 
 

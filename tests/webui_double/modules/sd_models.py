@@ -44,13 +44,15 @@ class CheckpointInfo:
         self.sha256 = sha256_cache.get(filename)  # hashes.sha256_from_cache()
         self.shorthash = self.sha256[0:10] if self.sha256 else None
         self.title = self.name if self.shorthash is None else f"{self.name} [{self.shorthash}]"
-        self.short_title = self.name_for_extra if self.shorthash is None else f"{self.name_for_extra} [{self.shorthash}]"
+        self.short_title = self.name_for_extra if self.shorthash is None else \
+            f"{self.name_for_extra} [{self.shorthash}]"
         self.ids = [self.model_name, self.title, self.name, self.name_for_extra]
         if self.shorthash:
             self.ids += self._hash_ids()
 
     def _hash_ids(self):
-        return [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]", f"{self.name_for_extra} [{self.shorthash}]"]
+        return [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]",
+                f"{self.name_for_extra} [{self.shorthash}]"]
 
     def register(self):  # sd_models.py: CheckpointInfo.register()
         checkpoints_list[self.title] = self
