@@ -217,3 +217,22 @@ def test_the_standalone_page_served_beyond_this_machine_keeps_to_its_folder(tmp_
     assert not StandaloneHost(tmp_path, offer_tiny=False).non_local()
     host = StandaloneHost(tmp_path, offer_tiny=False, non_local=True)
     assert host.non_local() and host.allowed_roots()[0] == tmp_path.resolve()
+
+
+def test_a_poll_sends_only_the_newest_samples(tab):
+    from types import SimpleNamespace
+
+    from dreambooth_ext.ui.handlers import GALLERY_ITEMS
+
+    h, _, _ = tab
+
+    def chatty(cfg, job):
+        job.start(0, 1)
+        for i in range(500):
+            job.sample(f"/w/samples/step_{i:06d}/0-1.png", "p", 1, i)
+        return SimpleNamespace(status="finished", step=1)
+
+    h.runner = JobRunner(train_fn=chatty)
+    h.runner.start(SimpleNamespace(name="x", max_steps=1), background=False)
+    view = h.poll()
+    assert len(view.samples) == GALLERY_ITEMS and view.samples[0] == ("/w/samples/step_000499/0-1.png", "step 499")

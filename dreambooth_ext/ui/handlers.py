@@ -25,6 +25,7 @@ from dreambooth_ext.train.state import read_progress
 from dreambooth_ext.ui.form import config_to_form, default_form, form_to_dict
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+GALLERY_ITEMS = 48  # newest samples a poll sends to the page (a run may make thousands)
 
 
 @dataclass
@@ -189,7 +190,7 @@ class Handlers:
         s = job.snapshot()
         running = s.status in ("starting", "running")
         key = f"{id(job)}:{s.status}:{len(s.losses)}:{len(s.samples)}:{len(s.outputs)}:{len(s.warnings)}"
-        samples = [(p, _sample_caption(p)) for p in reversed(s.samples)]
+        samples = [(p, _sample_caption(p)) for p in reversed(s.samples[-GALLERY_ITEMS:])]
         checkpoints = self._checkpoints(s)
         finished = s.status == "finished" and bool(checkpoints)
         written = f"{id(job)}:{len(checkpoints)}" if checkpoints and not running else ""
