@@ -173,6 +173,14 @@ def tab_rows(b: Bench):
     for memory in ("lots", -4, float("nan")):
         b.tab(f"Recommend with memory {memory!r}", lambda memory=memory: h.recommend(form, "sd1", "lora", memory)[1])
     b.tab("Train from a title that gained its hash", lambda: h.train({**form, "checkpoint": "base.safetensors"}))
+    from modules import shared
+
+    shared.cmd_opts.webui_is_non_local = True  # --listen: anyone who opens the page may press Train
+    b.tab("Train, page open to others, class folder outside",
+          lambda: h.train({**form, "name": "open1", "concept1.class_dir": str(b.outside / "class")}))
+    b.tab("Train, page open to others, workspace via ..",
+          lambda: h.train({**form, "name": "open2", "workspace_dir": str(b.models / ".." / "outside" / "w")}))
+    shared.cmd_opts.webui_is_non_local = False
 
 
 def main():
