@@ -181,6 +181,9 @@ def test_save_and_load_config(host, tmp_path):
 
 
 def test_recommended_fills_valid_values(host):
+    from dreambooth_ext.train.memory import estimate_for_config
+    from dreambooth_ext.train.recommend import fits
+
     h = Handlers(host, JobRunner())
     form = h.initial_form()
     form.update({"name": "rec", "concept1.instance_dir": str(DEMO), "concept1.instance_prompt": "a sks_pixarstyle toy"})
@@ -192,7 +195,7 @@ def test_recommended_fills_valid_values(host):
                 validate(h.config(filled))
     filled, reply = h.recommend(form, "sd1", "full", 8)
     assert filled["train_mode"] == "lora" and "switched to LoRA" in reply.text
-    assert filled["gradient_checkpointing"] is True
+    assert fits(estimate_for_config(h.config(filled), family="sd1").total_gb, 8)  # chosen by the memory estimate
     assert not h.recommend(form, "sd9", "full", 8)[1].ok
 
 
