@@ -26,8 +26,11 @@ import functools
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-EXPECTED_ERROR = 0.2  # +-20% until the GPU check measures it
+# Expected error of the activation part (the CPU calibration's spread; until the GPU check measures it),
+# and of the rest (weights, gradients, states: exact counts, but allocator rounding and small buffers).
+EXPECTED_ERROR = 0.2
 CHECKPOINTED_ERROR = 0.4  # with gradient checkpointing the backward pass's recompute peaks are less regular
+REST_ERROR = 0.05
 # Settings the estimate depends on: the tab refreshes its line when one of them changes.
 MEMORY_SETTINGS = ("checkpoint", "family", "train_mode", "text_encoder_mode", "optimizer", "mixed_precision",
                    "resolution", "train_batch_size", "prior_loss_weight", "gradient_checkpointing", "cache_latents",
@@ -92,9 +95,19 @@ class MemoryEstimate:
     def total_gb(self) -> float:
         return self.total / GB
 
+    @property
+    def margin(self) -> float:
+        """Bytes the peak may plausibly be above (or below) the estimate."""
+        acts = self.parts.get("activations", 0.0)
+        return self.error * acts + REST_ERROR * (self.total - acts)
+
+    @property
+    def upper_gb(self) -> float:
+        return (self.total + self.margin) / GB
+
     def summary(self) -> str:
         shown = ", ".join(f"{k} {v / GB:.1f}" for k, v in self.parts.items() if v >= 0.05 * GB)
-        return f"~{self.total_gb:.1f} GB peak GPU memory (+-{self.error:.0%}; {shown} GB)"
+        return f"~{self.total_gb:.1f} GB peak GPU memory (+-{self.margin / GB:.1f}; {shown} GB)"
 
 
 # Parameter counts of the shipped family configs (LoRA adapters per unit of rank, per target preset), so an
@@ -283,7 +296,7 @@ def form_memory_note(form: dict, checkpoint_path: str, gpu_gb: Optional[float]) 
     except Exception as e:  # noqa: BLE001 - an estimate must never break the tab
         return f"Memory estimate unavailable ({e})."
     line = f"{fam}: estimated {est.summary()}."
-    if gpu_gb is not None and est.total_gb * (1 + est.error) > gpu_gb:
+    if gpu_gb is not None and est.upper_gb > gpu_gb:
         line = (f"Warning: {line} That may not fit the GPU's {gpu_gb:g} GB: use Recommended settings, or turn on "
                 "gradient checkpointing, LoRA or 8-bit AdamW.")
     return line

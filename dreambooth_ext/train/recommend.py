@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.config import FAMILIES
-from dreambooth_ext.train.memory import EXPECTED_ERROR, GB, MemorySettings, estimate_memory
+from dreambooth_ext.train.memory import MemorySettings, estimate_memory
 
 _RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 CUDA_CONTEXT_GB = 0.5  # outside torch's allocator, so outside the estimate
@@ -29,7 +29,7 @@ def recommended(family: str, train_mode: str, vram_gb: Optional[float], *, have_
     if family != "auto":
         out["resolution"] = _RESOLUTION[family]
     if vram_gb is None:  # unknown memory: the plain settings, no trade-off either way
-        plain = _full_candidates(fam, have_bitsandbytes)[-3] if train_mode == "full" else _lora_candidates(fam)[0]
+        plain = {**_full_candidates(fam, False)[-1], "optimizer": "adamw"} if train_mode == "full" else _lora_candidates(fam)[0]
         out.update({k: v for k, v in plain.items() if k != "gradient_checkpointing"})
         return out
     chosen = None
@@ -42,9 +42,9 @@ def recommended(family: str, train_mode: str, vram_gb: Optional[float], *, have_
     return out
 
 
-def fits(estimate_gb: float, vram_gb: float, error: float = EXPECTED_ERROR) -> bool:
-    """The estimate, its expected error and the CUDA context within the GPU's memory."""
-    return estimate_gb * (1 + error) + CUDA_CONTEXT_GB <= vram_gb
+def fits(upper_gb: float, vram_gb: float) -> bool:
+    """The estimate plus its margin (MemoryEstimate.upper_gb) and the CUDA context within the GPU's memory."""
+    return upper_gb + CUDA_CONTEXT_GB <= vram_gb
 
 
 def _first_fitting(fam: str, candidates: List[Dict[str, Any]], vram_gb: float) -> Optional[Dict[str, Any]]:
@@ -54,8 +54,7 @@ def _first_fitting(fam: str, candidates: List[Dict[str, Any]], vram_gb: float) -
             mixed_precision="bf16", resolution=_RESOLUTION[fam], batch_size=1, prior_preservation=True,
             gradient_checkpointing=c["gradient_checkpointing"], cache_latents=True,
             cache_text_embeddings=c["cache_text_embeddings"], lora_rank=c.get("lora_rank", 16))
-        est = estimate_memory(settings)
-        if fits(est.total / GB, vram_gb, est.error):
+        if fits(estimate_memory(settings).upper_gb, vram_gb):
             return c
     return None
 
@@ -71,12 +70,14 @@ def _lora_candidates(fam: str) -> List[Dict[str, Any]]:
 def _full_candidates(fam: str, have_bitsandbytes: bool) -> List[Dict[str, Any]]:
     base = {"train_mode": "full", "optimizer": "adamw", "learning_rate": 1e-6 if fam == "sdxl" else 2e-6,
             "text_encoder_mode": "frozen", "cache_text_embeddings": True}
-    lean_optimizer = "adamw8bit" if have_bitsandbytes else "adafactor"
     out = []
     if fam != "sdxl":
         # room to spare: training the text encoder too improves likeness (diffusers' advice for faces)
         out.append({**base, "gradient_checkpointing": False, "text_encoder_mode": "full", "text_encoder_lr": 1e-6,
                     "cache_text_embeddings": False})
-    out += [{**base, "gradient_checkpointing": False}, {**base, "gradient_checkpointing": True},
-            {**base, "gradient_checkpointing": True, "optimizer": lean_optimizer}]
+    out += [{**base, "gradient_checkpointing": False}, {**base, "gradient_checkpointing": True}]
+    if have_bitsandbytes:
+        out.append({**base, "gradient_checkpointing": True, "optimizer": "adamw8bit"})
+    # the leanest: Adafactor's factored second moments take almost no memory (no fp32 Adam states at all)
+    out.append({**base, "gradient_checkpointing": True, "optimizer": "adafactor"})
     return out
