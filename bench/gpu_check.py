@@ -72,6 +72,7 @@ def build_base(family: str, folder: Path, tiny: bool) -> Path:
     if tiny:  # the user's path: a single file the trainer converts first
         return write_tiny_checkpoint(family, folder / f"tiny-{family}.safetensors", seed=0)
     fam = load_family(family)
+    torch.set_num_threads(os.cpu_count() or 1)  # random init of billions of weights: every core helps
     models = {k: m.to(torch.float16) for k, m in build_models(fam, seed=0).items()}
     sidecar = {"family": fam["family"], "yaml_text": generate_yaml(fam, clip_version=None)}
     return save_diffusers(fam, models, folder, sidecar)
