@@ -133,3 +133,14 @@ def small_config_for_placement(**overrides):
 
     base = dict(checkpoint="x.safetensors", name="p", concepts=[Concept(instance_dir="d", instance_prompt="sks")])
     return TrainConfig(**{**base, **overrides})
+
+
+def test_runs_with_other_precisions_follow_each_other_in_one_process(tiny_checkpoints, tmp_path, monkeypatch):
+    """The WebUI trains many runs in one process; accelerate's per-process state must not pin the first precision."""
+    ck = tiny_checkpoints("sd1")
+    common = dict(train_mode="lora", max_steps=1, num_class_images=0, class_prompt="")
+    assert train(small_config(tmp_path / "a", ck, mixed_precision="no", **common)).status == "finished"
+    monkeypatch.setenv(EMULATE_ENV, "bf16")
+    assert train(small_config(tmp_path / "b", ck, **common)).status == "finished"
+    monkeypatch.delenv(EMULATE_ENV)
+    assert train(small_config(tmp_path / "c", ck, mixed_precision="bf16", **common)).status == "finished"

@@ -124,3 +124,16 @@ def decide_placement(cfg, device: torch.device) -> Tuple[Placement, List[str]]:
         vae_off_device_in_training=bool(cfg.cache_latents),
         text_encoders_off_device_in_training=te_frozen and bool(cfg.cache_text_embeddings))
     return placement, notes
+
+
+def forget_last_accelerator() -> None:
+    """Let this run's Accelerator take its own mixed precision.
+
+    accelerate keeps one state per process and refuses a second Accelerator with another precision; the
+    WebUI trains many runs in one process. A data-parallel launch (several processes) keeps its state.
+    """
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if PartialState._shared_state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()

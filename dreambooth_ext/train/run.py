@@ -39,7 +39,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     from accelerate import Accelerator
 
     from dreambooth_ext.train.optim import optimizer_available
-    from dreambooth_ext.train.placement import decide_placement
+    from dreambooth_ext.train.placement import decide_placement, forget_last_accelerator
     from dreambooth_ext.train.precision import check_attention, choose_attention, pick_device
 
     reporter = reporter or Reporter()
@@ -54,6 +54,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     for n in notes:
         reporter.warn(n)
     mode = placement.mode
+    forget_last_accelerator()
     acc = Accelerator(mixed_precision=mode, cpu=device.type == "cpu", kwargs_handlers=_ddp_kwargs(cfg))
     device = acc.device
     placement = placement.on(device)  # cuda:N under `accelerate launch`
