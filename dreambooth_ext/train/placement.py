@@ -90,8 +90,8 @@ class Placement:
 
 
 def _move(module: torch.nn.Module, device: torch.device) -> None:
-    param = next(module.parameters(), None)
-    if param is not None and param.device != device:
+    # every parameter is looked at: adapters added after loading must follow their module too
+    if any(p.device != device for p in module.parameters()):
         module.to(device)
 
 
