@@ -269,3 +269,14 @@ def test_train_interrupt_resume_through_the_handlers(host):
     reply = h.activate()
     assert reply.ok and host.active == str(written)
     assert not h.interrupt().ok  # nothing runs now
+
+
+def test_memory_estimate_beside_train_follows_the_settings(host):
+    tab = Tab(host)
+    tab.build()
+    assert "estimated ~" in tab.memory.value and "GB peak GPU memory" in tab.memory.value
+    form = dict(tab.start, train_mode="full", optimizer="adamw", gradient_checkpointing=False)
+    full = tab._memory(*tab.form.to_values(form))
+    lora = tab._memory(*tab.form.to_values(dict(form, train_mode="lora")))
+    gb = lambda line: float(line.split("~")[1].split(" GB")[0])  # noqa: E731
+    assert gb(full) > gb(lora)

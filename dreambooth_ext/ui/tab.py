@@ -111,7 +111,7 @@ class Tab:
             self.train = gr.Button("Train", variant="primary", elem_id=PREFIX + "train")
             self.interrupt = gr.Button("Interrupt", elem_id=PREFIX + "interrupt")
             self.resume = gr.Button("Resume", elem_id=PREFIX + "resume")
-        self.memory = gr.HTML("", elem_id=PREFIX + "memory")  # the memory estimate, filled when a setting changes
+        self.memory = gr.HTML(self._memory(*self.form.to_values(self.start)), elem_id=PREFIX + "memory")
         self.message = gr.HTML("", elem_id=PREFIX + "message")
         self.status = gr.HTML(view_html(self.h.poll()), elem_id=PREFIX + "status")
         # clicked by javascript/dreambooth.js; style.css hides it (a gradio 4 invisible button has no element)
