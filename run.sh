@@ -5,6 +5,7 @@
 #   ./run.sh convert ARGS      python -m dreambooth_ext convert ARGS
 #   ./run.sh ui [ARGS]         the DreamBooth tab as a standalone page on http://127.0.0.1:7870
 #   ./run.sh bench NAME [ARGS] python bench/NAME.py ARGS
+#   ./run.sh gpu-check [ARGS]  real-size random-weight SD1.5/SDXL runs on an NVIDIA GPU, < 8 minutes (--dry-run: CPU)
 #   ./run.sh py ARGS           the project's Python (.venv) with ARGS
 set -euo pipefail
 
@@ -21,6 +22,7 @@ usage: ./run.sh COMMAND [ARGS...]
   convert ARGS       python -m dreambooth_ext convert ARGS
   ui [ARGS]          serve the DreamBooth tab on http://127.0.0.1:7870 (--port, --models-dir)
   bench NAME [ARGS]  python bench/NAME.py ARGS
+  gpu-check [ARGS]   train real-size random-weight SD1.5/SDXL models briefly on the GPU and print a table
   py ARGS            run the project's Python (.venv) with ARGS
 EOF
 }
@@ -117,7 +119,7 @@ command="${1:-}"
 [[ $# -gt 0 ]] && shift
 
 case "$command" in
-    demo | convert | ui | bench | py) ensure_venv .venv requirements/webui.txt ;;
+    demo | convert | ui | bench | gpu-check | py) ensure_venv .venv requirements/webui.txt ;;
 esac
 
 case "$command" in
@@ -138,6 +140,7 @@ case "$command" in
         fi
         exec "$PY" "bench/$name.py" "$@"
         ;;
+    gpu-check) exec "$PY" bench/gpu_check.py "$@" ;;
     py) exec "$PY" "$@" ;;
     -h | --help | help)
         usage

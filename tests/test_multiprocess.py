@@ -5,23 +5,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from tests.trainer_helpers import CLASS_PROMPT, DEMO, TOKEN_PROMPT
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def test_two_process_run_under_accelerate_launch(tiny_checkpoints, tmp_path):
+
+def _launch(port: int, *module_args: str) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "dreambooth_ext", "train", "--checkpoint", str(tiny_checkpoints("sd1")),
-           "--instance-dir", str(DEMO), "--instance-prompt", TOKEN_PROMPT, "--class-prompt", CLASS_PROMPT,
-           "--num-class-images", "2", "--class-image-steps", "2", "--name", "ddp",
-           "--models-dir", str(tmp_path / "models"), "--steps", "4", "--resolution", "64", "--no-bucketing",
-           "--learning-rate", "1e-3", "--save-dtype", "fp32"]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True,
-                          text=True, timeout=600)
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", *module_args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_process_run_under_accelerate_launch(tiny_checkpoints, tmp_path):
+    proc = _launch(29517, "dreambooth_ext", "train", "--checkpoint", str(tiny_checkpoints("sd1")),
+                   "--instance-dir", str(DEMO), "--instance-prompt", TOKEN_PROMPT, "--class-prompt", CLASS_PROMPT,
+                   "--num-class-images", "2", "--class-image-steps", "2", "--name", "ddp",
+                   "--models-dir", str(tmp_path / "models"), "--steps", "4", "--resolution", "64", "--no-bucketing",
+                   "--learning-rate", "1e-3", "--save-dtype", "fp32")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "2 processes" in log
@@ -31,3 +36,17 @@ def test_two_process_run_under_accelerate_launch(tiny_checkpoints, tmp_path):
     trained = load_file(str(out))
     key = "model.diffusion_model.input_blocks.0.0.weight"
     assert not (trained[key] == base[key]).all()
+
+
+def test_a_trained_text_encoder_stays_the_same_in_every_process(tiny_checkpoints, tmp_path):
+    """Each process sees other batches; only a synchronised encoder ends identical everywhere (and trained)."""
+    proc = _launch(29518, "tests.ddp_worker", str(tiny_checkpoints("sd1")), str(tmp_path))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    first, second = (load_file(str(tmp_path / f"te_{rank}.safetensors")) for rank in (0, 1))
+    assert sorted(first) == sorted(second)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    base = load_file(str(tiny_checkpoints("sd1")))
+    key = "text_model.encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(first[key], base["cond_stage_model.transformer." + key])

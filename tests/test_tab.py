@@ -182,6 +182,9 @@ def test_save_and_load_config(host):
 
 
 def test_recommended_fills_valid_values(host):
+    from dreambooth_ext.train.memory import estimate_for_config
+    from dreambooth_ext.train.recommend import fits
+
     h = Handlers(host, JobRunner())
     form = h.initial_form()
     form.update({"name": "rec", "concept1.instance_dir": str(DEMO), "concept1.instance_prompt": "a sks_pixarstyle toy"})
@@ -191,9 +194,9 @@ def test_recommended_fills_valid_values(host):
                 filled, reply = h.recommend(form, family, mode, vram)
                 assert reply.ok, reply.text
                 validate(h.config(filled))
-    filled, reply = h.recommend(form, "sd1", "full", 8)
+    filled, reply = h.recommend(form, "sd1", "full", 6)
     assert filled["train_mode"] == "lora" and "switched to LoRA" in reply.text
-    assert filled["gradient_checkpointing"] is True
+    assert fits(estimate_for_config(h.config(filled), family="sd1").upper_gb, 8)  # chosen by the memory estimate
     assert not h.recommend(form, "sd9", "full", 8)[1].ok
 
 
@@ -267,3 +270,14 @@ def test_train_interrupt_resume_through_the_handlers(host):
     reply = h.activate()
     assert reply.ok and host.active == str(written)
     assert not h.interrupt().ok  # nothing runs now
+
+
+def test_memory_estimate_beside_train_follows_the_settings(host):
+    tab = Tab(host)
+    tab.build()
+    assert "estimated ~" in tab.memory.value and "GB peak GPU memory" in tab.memory.value
+    form = dict(tab.start, train_mode="full", optimizer="adamw", gradient_checkpointing=False)
+    full = tab._memory(*tab.form.to_values(form))
+    lora = tab._memory(*tab.form.to_values(dict(form, train_mode="lora")))
+    gb = lambda line: float(line.split("~")[1].split(" GB")[0])  # noqa: E731
+    assert gb(full) > gb(lora)

@@ -44,7 +44,9 @@ class MicroBatch:
         idx = examples.batch(micro)
         chosen = [examples.examples[i] for i in idx]
         views = [choose_view(ex, self.cfg, micro, slot) for slot, ex in enumerate(chosen)]
-        mean, std = self.latents.get(chosen, views)
+        # encoding (latents not cached) runs in the VAE's own dtype: autocast's fp16 would overflow a fp32 SD VAE
+        with torch.autocast(torch.device(self.device).type, enabled=False):
+            mean, std = self.latents.get(chosen, views)
         gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, "latent", tag, micro))
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.bundle.vae_scale
         latents = latents.to(self.device, self.weight_dtype)

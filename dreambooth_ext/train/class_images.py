@@ -22,6 +22,7 @@ import torch
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.images import list_images
+from dreambooth_ext.train.inference import AutocastFactory, generate_images
 from dreambooth_ext.train.models import ModelBundle, make_pipeline
 
 Progress = Callable[[int, int, str], None]
@@ -153,11 +154,12 @@ def _pipeline(bundle: ModelBundle):
 
 
 def _generate(pipe, prompt: str, seeds: List[int], *, steps: int, guidance: float, negative_prompt: str,
-              resolution: int) -> list:
+              resolution: int, autocast: Optional[AutocastFactory]) -> list:
     generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU: the same noise on every device
     negative = [negative_prompt] * len(seeds) if negative_prompt else None
-    return pipe(prompt=[prompt] * len(seeds), negative_prompt=negative, num_inference_steps=steps,
-                guidance_scale=guidance, height=resolution, width=resolution, generator=generators).images
+    return generate_images(pipe, autocast, prompt=[prompt] * len(seeds), negative_prompt=negative,
+                           num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+                           generator=generators)
 
 
 def _prepare_folder(folder: Path) -> None:
@@ -187,8 +189,11 @@ def _batches(plan, batch_size: int):
 
 def ensure_class_images(bundle: ModelBundle, jobs: List[ClassJob], *, steps: int, guidance: float, batch_size: int,
                         negative_prompt: str, resolution: int, seed: int, progress: Optional[Progress] = None,
-                        should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, int]:
+                        should_stop: Optional[Callable[[], bool]] = None,
+                        autocast: Optional[AutocastFactory] = None) -> Dict[str, int]:
     """Generate the class images each job's folder lacks; return how many were made per folder.
+
+    `autocast`: the run's mixed precision (half-precision maths, as diffusers generates class images in).
 
     Stops between batches when `should_stop()` turns true; what was written is complete and kept.
     """
@@ -217,7 +222,7 @@ def ensure_class_images(bundle: ModelBundle, jobs: List[ClassJob], *, steps: int
                     break
                 images = _generate(pipe, job.prompt, [image_seed(seed, job.prompt, i) for i in block],
                                    steps=steps, guidance=guidance, negative_prompt=negative_prompt,
-                                   resolution=resolution)
+                                   resolution=resolution, autocast=autocast)
                 for index, image in zip(block, images):
                     if index in wanted:
                         _save(image, folder, job.prompt, index)

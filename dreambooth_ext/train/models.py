@@ -4,7 +4,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -69,8 +69,13 @@ def prepare_base(checkpoint: str, workspace: Path, family: str = "auto",
     return base / "model"
 
 
-def load_bundle(folder: Path, torch_dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """Load every module of a diffusers folder, text encoders through the bridge's key check."""
+def load_bundle(folder: Path, torch_dtype: torch.dtype = torch.float32,
+                dtypes: Optional[Dict[str, torch.dtype]] = None) -> ModelBundle:
+    """Load every module of a diffusers folder, text encoders through the bridge's key check.
+
+    `dtypes` ("unet", "vae", "text_encoder" -> dtype, from the run's placement) overrides `torch_dtype`
+    per module, so frozen modules never take fp32 memory on their way to half precision.
+    """
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -79,12 +84,14 @@ def load_bundle(folder: Path, torch_dtype: torch.dtype = torch.float32) -> Model
 
     folder = Path(folder)
     fam = family_from_folder(folder)
-    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=torch_dtype, local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch_dtype, local_files_only=True)
+    dtypes = {k: (dtypes or {}).get(k, torch_dtype) for k in ("unet", "vae", "text_encoder")}
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=dtypes["unet"],
+                                                local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtypes["vae"], local_files_only=True)
     text_encoders, tokenizers = [], []
     for i, te in enumerate(fam["text_encoders"]):
         suffix = "" if i == 0 else f"_{i + 1}"
-        model = getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"]))
+        model = getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"])).to(dtypes["text_encoder"])
         state = component_state_dict(folder, "text_encoder" + suffix)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in DERIVED_BUFFERS]
@@ -92,7 +99,7 @@ def load_bundle(folder: Path, torch_dtype: torch.dtype = torch.float32) -> Model
         if missing or unexpected:
             raise UserError(f"text_encoder{suffix} in {folder} does not fit its config: "
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}.")
-        text_encoders.append(model.to(torch_dtype))
+        text_encoders.append(model)
         tokenizers.append(transformers.CLIPTokenizer.from_pretrained(str(folder / f"tokenizer{suffix}")))
     scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
     for m in [unet, vae] + text_encoders:

@@ -2,7 +2,7 @@
 
     device = pick_device()
     mode, notes = resolve_mixed_precision(cfg.mixed_precision, device)   # "no" | "fp16" | "bf16"
-    dtype = trainable_dtype(mode, device, trained=False, module="vae")   # where frozen weights live
+    dtype = trainable_dtype(mode, device, trained=False, module="vae")   # see placement.py for the run's layout
     used = choose_attention(cfg.attention, device, unet, warn=report.warn)
 
 Autocast and fp16 loss scaling are accelerate's (the trainer's Accelerator gets `mode`), so a
@@ -72,19 +72,14 @@ def resolve_mixed_precision(setting: str, device: DeviceLike) -> Tuple[str, List
 
 
 def trainable_dtype(mode: str, device: DeviceLike, *, trained: bool = False, module: str = "") -> torch.dtype:
-    """The dtype to keep a module's weights in.
+    """The dtype a module's weights are kept in on `device` (placement.stored_dtype decides; see there).
 
-    Trained weights always stay fp32 (the master weights the optimizer updates; autocast does the
-    half-precision math). Frozen modules (VAE, a frozen text encoder, the UNet under LoRA) are stored in
-    the mixed-precision dtype on CUDA to save memory, except the VAE under fp16: SD VAEs overflow to NaN
-    in fp16 (the WebUI's --no-half-vae), and with cached latents the VAE runs only once anyway.
+    Trained weights stay fp32 (the master weights the optimizer updates; autocast does the
+    half-precision math); frozen ones are half precision on CUDA, except the VAE under fp16.
     """
-    device = torch.device(device)
-    if trained or mode == "no" or device.type != "cuda":
-        return torch.float32
-    if module == "vae" and mode == "fp16":
-        return torch.float32
-    return _DTYPES[mode]
+    from dreambooth_ext.train.placement import stored_dtype
+
+    return stored_dtype(mode, trained=trained, module=module, half_frozen=torch.device(device).type == "cuda")
 
 
 def _xformers_importable() -> Tuple[bool, str]:

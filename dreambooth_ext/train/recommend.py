@@ -1,16 +1,18 @@
-"""Recommended settings for a family, a training mode and the GPU's memory: a pure function the tab calls."""
+"""Recommended settings for a family, a training mode and the GPU's memory: a pure function the tab calls.
 
-from typing import Any, Dict, Optional
+Candidates run from the best (fastest, most capacity) to the leanest; the first whose estimated
+peak (memory.py, plus its stated error and the CUDA context) fits the GPU wins. Full training that
+fits in no candidate becomes LoRA.
+"""
+
+from typing import Any, Dict, List, Optional
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.config import FAMILIES
+from dreambooth_ext.train.memory import MemorySettings, estimate_memory
 
 _RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
-# Smallest GPU memory (GB) that full UNet training fits in, and below which it needs 8-bit Adam and
-# checkpointing: fp32 master weights + grads + Adam states are ~16 bytes per UNet parameter.
-_FULL_FITS = {"sd1": 10, "sd2": 10, "sd2-v": 12, "sdxl": 40}
-_FULL_ROOMY = {"sd1": 24, "sd2": 24, "sd2-v": 24, "sdxl": 80}
-_LORA_ROOMY = {"sd1": 12, "sd2": 12, "sd2-v": 16, "sdxl": 24}
+CUDA_CONTEXT_GB = 0.5  # outside torch's allocator, so outside the estimate
 
 
 def recommended(family: str, train_mode: str, vram_gb: Optional[float], *, have_bitsandbytes: bool = True) -> Dict[str, Any]:
@@ -26,35 +28,56 @@ def recommended(family: str, train_mode: str, vram_gb: Optional[float], *, have_
     out: Dict[str, Any] = {"train_batch_size": 1, "cache_latents": True, "mixed_precision": "auto", "attention": "auto"}
     if family != "auto":
         out["resolution"] = _RESOLUTION[family]
-    if train_mode == "full" and vram_gb is not None and vram_gb < _FULL_FITS[fam]:
-        train_mode = "lora"  # full training does not fit: adapters do
-    out["train_mode"] = train_mode
-    if train_mode == "lora":
-        out.update(_lora_overrides(fam, vram_gb))
-    else:
-        out.update(_full_overrides(fam, vram_gb, have_bitsandbytes))
-    return out
-
-
-def _lora_overrides(fam: str, vram_gb: Optional[float]) -> Dict[str, Any]:
-    # LoRA's optimizer states are tiny, so plain AdamW; memory goes to activations instead.
-    out = {"optimizer": "adamw", "lora_learning_rate": 1e-4, "lora_rank": 32 if fam == "sdxl" else 16,
-           "lora_alpha": 0.0, "text_encoder_mode": "frozen", "cache_text_embeddings": True}
-    if vram_gb is not None:
-        out["gradient_checkpointing"] = vram_gb < _LORA_ROOMY[fam]
-    return out
-
-
-def _full_overrides(fam: str, vram_gb: Optional[float], have_bitsandbytes: bool) -> Dict[str, Any]:
-    out = {"optimizer": "adamw", "learning_rate": 1e-6 if fam == "sdxl" else 2e-6, "text_encoder_mode": "frozen",
-           "cache_text_embeddings": True}
-    if vram_gb is None:
+    if vram_gb is None:  # unknown memory: the plain settings, no trade-off either way
+        plain = {**_full_candidates(fam, False)[-1], "optimizer": "adamw"} if train_mode == "full" else _lora_candidates(fam)[0]
+        out.update({k: v for k, v in plain.items() if k != "gradient_checkpointing"})
         return out
-    roomy = vram_gb >= _FULL_ROOMY[fam]
-    out["gradient_checkpointing"] = not roomy or fam == "sdxl"
-    if not roomy:
-        out["optimizer"] = "adamw8bit" if have_bitsandbytes else "adafactor"
-    elif fam != "sdxl":
+    chosen = None
+    if train_mode == "full":
+        chosen = _first_fitting(fam, _full_candidates(fam, have_bitsandbytes), vram_gb)
+    if chosen is None:
+        lora = _lora_candidates(fam)
+        chosen = _first_fitting(fam, lora, vram_gb) or lora[-1]
+    out.update(chosen)
+    return out
+
+
+def fits(upper_gb: float, vram_gb: float) -> bool:
+    """The estimate plus its margin (MemoryEstimate.upper_gb) and the CUDA context within the GPU's memory."""
+    return upper_gb + CUDA_CONTEXT_GB <= vram_gb
+
+
+def _first_fitting(fam: str, candidates: List[Dict[str, Any]], vram_gb: float) -> Optional[Dict[str, Any]]:
+    for c in candidates:
+        settings = MemorySettings(
+            family=fam, train_mode=c["train_mode"], text_encoder_mode=c["text_encoder_mode"], optimizer=c["optimizer"],
+            mixed_precision="bf16", resolution=_RESOLUTION[fam], batch_size=1, prior_preservation=True,
+            gradient_checkpointing=c["gradient_checkpointing"], cache_latents=True,
+            cache_text_embeddings=c["cache_text_embeddings"], lora_rank=c.get("lora_rank", 16))
+        if fits(estimate_memory(settings).upper_gb, vram_gb):
+            return c
+    return None
+
+
+def _lora_candidates(fam: str) -> List[Dict[str, Any]]:
+    # LoRA's optimizer states are tiny, so plain AdamW; memory goes to activations instead.
+    base = {"train_mode": "lora", "optimizer": "adamw", "lora_learning_rate": 1e-4,
+            "lora_rank": 32 if fam == "sdxl" else 16, "lora_alpha": 0.0, "text_encoder_mode": "frozen",
+            "cache_text_embeddings": True}
+    return [{**base, "gradient_checkpointing": False}, {**base, "gradient_checkpointing": True}]
+
+
+def _full_candidates(fam: str, have_bitsandbytes: bool) -> List[Dict[str, Any]]:
+    base = {"train_mode": "full", "optimizer": "adamw", "learning_rate": 1e-6 if fam == "sdxl" else 2e-6,
+            "text_encoder_mode": "frozen", "cache_text_embeddings": True}
+    out = []
+    if fam != "sdxl":
         # room to spare: training the text encoder too improves likeness (diffusers' advice for faces)
-        out.update(text_encoder_mode="full", text_encoder_lr=1e-6, cache_text_embeddings=False)
+        out.append({**base, "gradient_checkpointing": False, "text_encoder_mode": "full", "text_encoder_lr": 1e-6,
+                    "cache_text_embeddings": False})
+    out += [{**base, "gradient_checkpointing": False}, {**base, "gradient_checkpointing": True}]
+    if have_bitsandbytes:
+        out.append({**base, "gradient_checkpointing": True, "optimizer": "adamw8bit"})
+    # the leanest: Adafactor's factored second moments take almost no memory (no fp32 Adam states at all)
+    out.append({**base, "gradient_checkpointing": True, "optimizer": "adafactor"})
     return out

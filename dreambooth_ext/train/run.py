@@ -39,7 +39,8 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     from accelerate import Accelerator
 
     from dreambooth_ext.train.optim import optimizer_available
-    from dreambooth_ext.train.precision import check_attention, choose_attention, pick_device, resolve_mixed_precision
+    from dreambooth_ext.train.placement import decide_placement, forget_last_accelerator
+    from dreambooth_ext.train.precision import check_attention, choose_attention, pick_device
 
     reporter = reporter or Reporter()
     for w in validate(cfg):
@@ -49,21 +50,24 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     usable, why = optimizer_available(cfg.optimizer, device)
     if not usable:
         raise UserError(f"Setting 'optimizer' is {cfg.optimizer}, which cannot run here ({why}); choose adamw or adafactor.")
-    mode, notes = resolve_mixed_precision(cfg.mixed_precision, device)
+    placement, notes = decide_placement(cfg, device)
     for n in notes:
         reporter.warn(n)
-    acc = Accelerator(mixed_precision=mode, cpu=device.type == "cpu")
+    mode = placement.mode
+    forget_last_accelerator()
+    acc = Accelerator(mixed_precision=mode, cpu=device.type == "cpu", kwargs_handlers=_ddp_kwargs(cfg))
     device = acc.device
+    placement = placement.on(device)  # cuda:N under `accelerate launch`
     if not acc.is_main_process:
         reporter = _Quiet(reporter)  # one progress bar and one set of messages under `accelerate launch`
     workspace = cfg.workspace_path()
     workspace.mkdir(parents=True, exist_ok=True)
 
-    bundle = _load_base(cfg, workspace, acc, reporter)
+    bundle = _load_base(cfg, workspace, acc, reporter, placement)
     _check_sizes(cfg, bundle)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode, torch.float32)
+    placement.enter(bundle, "prepare")  # class images and latent caching run on the training device
     try:
-        _class_images(cfg, bundle, acc, reporter, device)
+        _class_images(cfg, bundle, acc, reporter, placement)
     except Cancelled:
         reporter.stage("stopped while generating class images; the ones made are kept")
         return TrainResult("cancelled", 0)
@@ -85,25 +89,30 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
         if trainables.te_mode == "full":
             for te in bundle.text_encoders:
                 te.gradient_checkpointing_enable()
-    _place(bundle, trainables, device, mode)
-    prompts = PromptCache(bundle, bundle.text_encoders, cfg.cache_text_embeddings and not trainables.te_trained)
+    _place(bundle, trainables, placement)
+    # data-parallel under `accelerate launch` (the same modules otherwise): the UNet and a trained text encoder
+    unet = acc.prepare(bundle.unet)
+    text_encoders = [acc.prepare(te) for te in bundle.text_encoders] if trainables.te_trained else bundle.text_encoders
+    prompts = PromptCache(bundle, text_encoders, cfg.cache_text_embeddings and not trainables.te_trained)
     if prompts.enabled:
-        prompts.precompute([ex.prompt for s in (instances, classes) for ex in s.examples])
+        with placement.autocast():
+            prompts.precompute([ex.prompt for s in (instances, classes) for ex in s.examples])
+    placement.enter(bundle, "train")
 
     optimizer, lr_scheduler, ema = _optimizer(cfg, trainables, device)
-    unet = acc.prepare(bundle.unet)  # data-parallel under `accelerate launch`; the same module otherwise
     optimizer = acc.prepare(optimizer)
-    micro = MicroBatch(cfg, bundle, unet, latents, prompts, device, weight_dtype)
+    micro = MicroBatch(cfg, bundle, unet, latents, prompts, device, placement.compute_dtype)
+    synced = [unet] + (text_encoders if trainables.te_trained else [])
 
     progress = _resume(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, reporter)
     result = TrainResult("finished", progress.step, losses=progress.losses)
     procs = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
     precision = "fp32" if mode == "no" else f"{mode} mixed precision"
-    reporter.stage(f"training on {device.type} ({precision}, {attention} attention{procs})")
+    reporter.stage(f"training on {device.type} ({precision}, {attention} attention{procs}; {placement.describe()})")
     reporter.start(progress.step, cfg.max_steps, list(progress.losses))
     started, first = time.time(), progress.step
     while progress.step < cfg.max_steps:
-        loss = _optimizer_step(cfg, progress.step, micro, instances, classes, trainables, optimizer, acc)
+        loss = _optimizer_step(cfg, progress.step, micro, instances, classes, trainables, optimizer, acc, synced)
         lr_scheduler.step()
         if ema is not None:
             ema.update(trainables.parameters(), progress.step)
@@ -114,7 +123,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
         if not acc.is_main_process:
             continue
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
-            result.samples += _samples(cfg, bundle, trainables, workspace, step, ema, reporter)
+            result.samples += _samples(cfg, bundle, trainables, workspace, step, ema, reporter, placement)
         if cfg.save_state_every and step % cfg.save_state_every == 0 and step < cfg.max_steps:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
         if cfg.save_model_every and step % cfg.save_model_every == 0 and step < cfg.max_steps:
@@ -131,7 +140,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
             reporter.stage(f"trained {progress.step - first} steps in {time.time() - started:.1f} s")
         if cfg.sample_every:
-            result.samples += _samples(cfg, bundle, trainables, workspace, progress.step, ema, reporter)
+            result.samples += _samples(cfg, bundle, trainables, workspace, progress.step, ema, reporter, placement)
         result.outputs += [str(p) for p in _outputs(cfg, bundle, trainables, progress.step, ema, reporter)]
     return result
 
@@ -163,13 +172,20 @@ class _Quiet(Reporter):
         return self._inner.should_stop()
 
 
-def _load_base(cfg, workspace: Path, acc, reporter):
+def _ddp_kwargs(cfg):
+    from accelerate import DistributedDataParallelKwargs
+
+    # SDXL's first text encoder feeds its penultimate layer only: its last layer gets no gradient
+    return [DistributedDataParallelKwargs(find_unused_parameters=cfg.text_encoder_mode != "frozen")]
+
+
+def _load_base(cfg, workspace: Path, acc, reporter, placement):
     from dreambooth_ext.train.models import load_bundle, prepare_base
 
     with _main_first(acc):
         folder = prepare_base(cfg.checkpoint, workspace, cfg.family, progress=reporter.stage)
     reporter.stage(f"loading {folder}")
-    return load_bundle(folder)
+    return load_bundle(folder, dtypes=placement.load_dtypes())
 
 
 @contextlib.contextmanager
@@ -182,7 +198,7 @@ def _main_first(acc):
         acc.wait_for_everyone()
 
 
-def _class_images(cfg, bundle, acc, reporter, device):
+def _class_images(cfg, bundle, acc, reporter, placement):
     from dreambooth_ext.train.class_images import class_jobs_from_config, ensure_class_images
 
     jobs = class_jobs_from_config(cfg)
@@ -190,31 +206,27 @@ def _class_images(cfg, bundle, acc, reporter, device):
         return
     with _main_first(acc):
         if acc.is_main_process:
-            for m in [bundle.unet, bundle.vae] + bundle.text_encoders:
-                m.to(device)
             made = ensure_class_images(
                 bundle, jobs, steps=cfg.class_image_steps, guidance=cfg.class_image_guidance,
                 batch_size=cfg.class_image_batch_size, negative_prompt=cfg.class_image_negative_prompt,
                 resolution=cfg.resolution, seed=cfg.seed,
-                progress=lambda d, t, msg: reporter.stage("class images", d, t), should_stop=reporter.should_stop)
+                progress=lambda d, t, msg: reporter.stage("class images", d, t), should_stop=reporter.should_stop,
+                autocast=placement.autocast)
             if sum(made.values()):
                 reporter.stage(f"generated {sum(made.values())} class images")
             if reporter.should_stop():
                 raise Cancelled()
 
 
-def _place(bundle, trainables, device, mode):
-    """Trained weights stay fp32 (master copies); frozen modules run in the mixed-precision dtype."""
+def _place(bundle, trainables, placement):
+    """LoRA adapters, new since loading, join their modules on the device as fp32 master weights."""
     from dreambooth_ext.train.lora import cast_lora_parameters
-    from dreambooth_ext.train.precision import trainable_dtype
 
-    bundle.vae.to(device, trainable_dtype(mode, device, module="vae"))
-    bundle.unet.to(device, trainable_dtype(mode, device, trained=not trainables.unet_lora))
+    placement.enter(bundle, "prepare")
     if trainables.unet_lora:
         cast_lora_parameters(bundle.unet, torch.float32)
-    for te in bundle.text_encoders:
-        te.to(device, trainable_dtype(mode, device, trained=trainables.te_mode == "full"))
-        if trainables.te_mode == "lora":
+    if trainables.te_mode == "lora":
+        for te in bundle.text_encoders:
             cast_lora_parameters(te, torch.float32)
 
 
@@ -230,25 +242,37 @@ def _optimizer(cfg, trainables, device):
     return optimizer, lr_scheduler, ema
 
 
-def _optimizer_step(cfg, step, micro, instances, classes, trainables, optimizer, acc) -> float:
-    """Accumulated micro-batches, clipping and one optimizer step; returns the mean loss."""
+def _no_sync(acc, modules, sync: bool):
+    """Gradients of the data-parallel modules are averaged across processes only at the last micro-batch."""
+    stack = contextlib.ExitStack()
+    if not sync:
+        for m in modules:
+            stack.enter_context(acc.no_sync(m))
+    return stack
+
+
+def _optimizer_step(cfg, step, micro, instances, classes, trainables, optimizer, acc, synced) -> float:
+    """Accumulated micro-batches, clipping and one optimizer step; returns the mean loss.
+
+    The loss stays on the device until the step is done: one host sync per step, not per micro-batch.
+    """
     te_grad = trainables.te_trained and not (cfg.text_encoder_stop_step and step >= cfg.text_encoder_stop_step)
-    total = 0.0
+    total = torch.zeros((), device=acc.device)
     for a in range(cfg.gradient_accumulation_steps):
         index = (step * cfg.gradient_accumulation_steps + a) * acc.num_processes + acc.process_index
         sync = a == cfg.gradient_accumulation_steps - 1
-        with (contextlib.nullcontext() if sync else acc.no_sync(micro.unet)), acc.autocast():
+        with _no_sync(acc, synced, sync), acc.autocast():
             loss = micro.loss(instances, index, "instance", te_grad)
             if len(classes):
                 loss = loss + cfg.prior_loss_weight * micro.loss(classes, index, "class", te_grad)
         acc.backward(loss / cfg.gradient_accumulation_steps)
-        total += loss.detach().float().item()
+        total += loss.detach().float()
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(trainables.parameters(), cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    mean = torch.tensor(total / cfg.gradient_accumulation_steps, device=acc.device)
-    return acc.reduce(mean, reduction="mean").item() if acc.num_processes > 1 else mean.item()
+    mean = total / cfg.gradient_accumulation_steps
+    return (acc.reduce(mean, reduction="mean") if acc.num_processes > 1 else mean).item()
 
 
 @contextlib.contextmanager
@@ -266,17 +290,27 @@ def _ema_weights(trainables, ema):
         ema.restore(params)
 
 
-def _samples(cfg, bundle, trainables, workspace, step, ema, reporter) -> List[str]:
+def _samples(cfg, bundle, trainables, workspace, step, ema, reporter, placement) -> List[str]:
     from dreambooth_ext.train.samples import generate_samples, sample_prompts, sample_seeds
 
     reporter.stage(f"samples at step {step}")
-    with _ema_weights(trainables, ema):
+    placement.enter(bundle, "sample")
+    with _ema_weights(trainables, ema), _back_to(placement, bundle, "train"):
         paths = generate_samples(
             bundle, trainables.unet, trainables.text_encoders, sample_prompts(cfg),
             sample_seeds(cfg, cfg.num_sample_images), steps=cfg.sample_steps, guidance=cfg.sample_guidance,
             negative_prompt=cfg.sample_negative_prompt, resolution=cfg.resolution, out_dir=workspace / "samples",
-            step=step, on_image=lambda path, prompt, seed: reporter.sample(str(path), prompt, seed, step))
+            step=step, on_image=lambda path, prompt, seed: reporter.sample(str(path), prompt, seed, step),
+            autocast=placement.autocast)
     return [str(p) for p in paths]
+
+
+@contextlib.contextmanager
+def _back_to(placement, bundle, phase):
+    try:
+        yield
+    finally:
+        placement.enter(bundle, phase)
 
 
 def _outputs(cfg, bundle, trainables, step, ema, reporter):

@@ -22,6 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.captions import build_prompt
+from dreambooth_ext.train.inference import AutocastFactory, generate_images
 from dreambooth_ext.train.models import ModelBundle, make_pipeline
 
 ImageLike = Union[str, os.PathLike, Image.Image]
@@ -71,11 +72,12 @@ def _save_png(image: Image.Image, path: Path, pnginfo: Optional[PngInfo] = None)
 
 def generate_samples(bundle: ModelBundle, unet, text_encoders, prompts: Sequence[str], seeds: Sequence[int], *,
                      steps: int, guidance: float, negative_prompt: str, resolution: int, out_dir, step: int,
-                     on_image: Optional[OnImage] = None) -> List[Path]:
+                     on_image: Optional[OnImage] = None, autocast: Optional[AutocastFactory] = None) -> List[Path]:
     """One PNG per (prompt, seed) in out_dir/step_<step>/, named <prompt index>-<seed>.png.
 
     `unet` and `text_encoders` are the modules being trained (None: the bundle's own). They are put
-    in eval mode for the samples and given back in the train/eval state they came in.
+    in eval mode for the samples and given back in the train/eval state they came in. `autocast`
+    (the run's mixed precision) lets a fp32 trained UNet meet half-precision frozen modules.
     """
     pipe = make_pipeline(bundle, unet=unet, text_encoders=text_encoders)
     modules = [pipe.unet, pipe.vae, pipe.text_encoder] + ([pipe.text_encoder_2] if bundle.is_sdxl else [])
@@ -91,9 +93,9 @@ def generate_samples(bundle: ModelBundle, unet, text_encoders, prompts: Sequence
             for p_index, prompt in enumerate(prompts):
                 for seed in seeds:
                     generator = torch.Generator().manual_seed(int(seed))  # CPU: reproducible across devices
-                    image = pipe(prompt=prompt, negative_prompt=negative, num_inference_steps=steps,
-                                 guidance_scale=guidance, height=resolution, width=resolution,
-                                 generator=generator).images[0]
+                    image = generate_images(pipe, autocast, prompt=prompt, negative_prompt=negative,
+                                            num_inference_steps=steps, guidance_scale=guidance, height=resolution,
+                                            width=resolution, generator=generator)[0]
                     info = _png_info(prompt, seed, step, steps=steps, guidance=guidance,
                                      negative_prompt=negative_prompt, resolution=resolution)
                     path = _save_png(image, folder / f"{p_index}-{seed}.png", info)

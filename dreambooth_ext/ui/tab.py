@@ -12,6 +12,7 @@ import gradio as gr
 from dreambooth_ext.host.base import Host
 from dreambooth_ext.plot import loss_plot
 from dreambooth_ext.train.config import FAMILIES, GROUPS
+from dreambooth_ext.train.memory import MEMORY_SETTINGS, form_memory_note
 from dreambooth_ext.ui import compat
 from dreambooth_ext.ui.form import CONCEPT_BOXES, Form, concept_settings, label_for, top_settings
 from dreambooth_ext.ui.handlers import Handlers, View, outputs_html, reply_html, view_html
@@ -110,6 +111,7 @@ class Tab:
             self.train = gr.Button("Train", variant="primary", elem_id=PREFIX + "train")
             self.interrupt = gr.Button("Interrupt", elem_id=PREFIX + "interrupt")
             self.resume = gr.Button("Resume", elem_id=PREFIX + "resume")
+        self.memory = gr.HTML(self._memory(*self.form.to_values(self.start)), elem_id=PREFIX + "memory")
         self.message = gr.HTML("", elem_id=PREFIX + "message")
         self.status = gr.HTML(view_html(self.h.poll()), elem_id=PREFIX + "status")
         # clicked by javascript/dreambooth.js; style.css hides it (a gradio 4 invisible button has no element)
@@ -153,6 +155,8 @@ class Tab:
         compat.listen(self.load.click, self._load, [self.config_path, self.extras], form_in + [self.extras, self.message])
         compat.listen(self.recommend.click, self._recommend, form_in + [self.rec_family, self.rec_mode, self.rec_vram],
                       form_in + [self.message])
+        for key in [k for k in MEMORY_SETTINGS if k in self.form.components]:
+            compat.listen(self.form.components[key].change, self._memory, form_in, [self.memory], quiet=True)
         compat.listen(self.train.click, self._train, form_in + [self.extras, self.seen], [self.message] + polled)
         compat.listen(self.resume.click, self._resume, form_in + [self.extras, self.seen], [self.message] + polled)
         compat.listen(self.interrupt.click, self._interrupt, [self.seen, self.checkpoint], [self.message] + polled)
@@ -187,6 +191,10 @@ class Tab:
         family, mode, vram = values[-3:]
         form, reply = self.h.recommend(self._values(values), family, mode, vram)
         return self.form.to_values(form) + [reply_html(reply)]
+
+    def _memory(self, *values):
+        form = self._values(values)
+        return form_memory_note(form, self.h.checkpoint_path(form.get("checkpoint", "")), gpu_memory_gb())
 
     def _train(self, *values, resume: bool = False):
         form = self._values(values)

@@ -1,0 +1,55 @@
+"""Calibration of the memory estimator (dreambooth_ext/train/memory.py) on the CPU.
+
+For a family's real UNet architecture (random weights) or its tiny test model, measures the
+activation memory of one LoRA training step (frozen bf16 weights, bf16 autocast, batch 2 as with
+prior preservation) with torch's memory profiler, at small latent sizes, and prints it beside the
+estimate. The growth between two sizes is what WHOLE_UNET_FACTOR and RECOMPUTE_FACTOR were fitted
+to on sd1 (the fixed part at small sizes is CPU-kernel scratch that a GPU does not have).
+The real SD1.5 UNet takes about a minute per row on one CPU core.
+Usage: ./run.sh bench memory_calibrate [--family sd1|sd2|sdxl] [--tiny] [--sides 16,32]
+"""
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="sd1")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model of the family")
+    parser.add_argument("--sides", default="16,32", help="latent sides to measure (pixels / 8)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_ext.bridge.family_data import load_family
+    from dreambooth_ext.tiny import tiny_family
+    from dreambooth_ext.train.memory import activation_bytes
+    from dreambooth_ext.train.memory_calibration import measure_activation_bytes
+
+    config = (tiny_family if args.tiny else load_family)(args.family)["unet"]
+    unet = UNet2DConditionModel.from_config(config)
+    sides = [int(s) for s in args.sides.split(",")]
+    name = ("tiny " if args.tiny else "") + args.family
+    print(f"{'model':<10} {'side':>4} {'checkpointing':<13} {'measured MB':>12} {'estimated MB':>12} {'ratio':>6} {'s':>6}")
+    rows = {}
+    for checkpointed in (False, True):
+        for side in sides:
+            started = time.time()
+            measured = measure_activation_bytes(unet, side, 2, checkpointed=checkpointed)
+            estimated = activation_bytes(config, side * side, 2, checkpointed=checkpointed, half=True)
+            rows[(checkpointed, side)] = (measured, estimated)
+            print(f"{name:<10} {side:>4} {'yes' if checkpointed else 'no':<13} {measured / 1e6:>12.1f} "
+                  f"{estimated / 1e6:>12.1f} {measured / estimated:>6.2f} {time.time() - started:>6.1f}", flush=True)
+        if len(sides) > 1:
+            (m0, e0), (m1, e1) = rows[(checkpointed, sides[0])], rows[(checkpointed, sides[-1])]
+            print(f"  growth {sides[0]}->{sides[-1]}: measured/estimated = {(m1 - m0) / (e1 - e0):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""One process of a data-parallel run under `accelerate launch`, which afterwards writes the text
+encoder it ended with to OUT/te_<rank>.safetensors, so a test can compare the processes' copies.
+
+    accelerate launch --num_processes 2 ... -m tests.ddp_worker CHECKPOINT OUT
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+import dreambooth_ext.train.models as models
+from dreambooth_ext.train.run import train
+from tests.trainer_helpers import small_config
+
+
+def main(checkpoint: str, out: str) -> None:
+    bundles = []
+    load = models.load_bundle
+    models.load_bundle = lambda *a, **k: bundles.append(load(*a, **k)) or bundles[-1]
+    cfg = small_config(Path(out), checkpoint, name="ddp_te", text_encoder_mode="full", text_encoder_lr=1e-3,
+                       max_steps=4, gradient_accumulation_steps=2)
+    train(cfg)
+    rank = int(os.environ.get("RANK", "0"))
+    state = {k: v.detach().cpu().contiguous() for k, v in bundles[0].text_encoders[0].state_dict().items()}
+    save_file(state, str(Path(out) / f"te_{rank}.safetensors"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
