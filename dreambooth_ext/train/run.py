@@ -5,6 +5,7 @@ steps with samples, state and model saves -> final save.
 """
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,8 @@ from dreambooth_ext.errors import UserError
 from dreambooth_ext.train import state as st
 from dreambooth_ext.train.batches import MicroBatch, PromptCache
 from dreambooth_ext.train.config import TrainConfig, to_dict
-from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.dataset import LatentSource, build_examples
+from dreambooth_ext.train.finite import NonFiniteWeights, check_finite_weights, non_finite_message
 from dreambooth_ext.train.reporter import Cancelled, Reporter
 
 
@@ -31,19 +32,35 @@ class TrainResult:
 
 
 def _resumable_config(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k not in st.RESUMABLE_CHANGES}
+    return st.resumable_config(cfg)
 
 
 def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
-    """Train per `cfg`; UserError for bad input before any work, and nothing half-written in the models folder."""
+    """Train per `cfg`; UserError for bad input before any work, and nothing half-written in the models folder.
+
+    The run holds its workspace (a lock file) from the checks to the end; a stop asked for
+    before the training steps (converting, scanning, class images, caching) ends it as cancelled.
+    """
+    from dreambooth_ext.train.precheck import precheck
+    from dreambooth_ext.train.workspace import hold_workspace
+
+    reporter = reporter or Reporter()
+    for w in precheck(cfg):
+        reporter.warn(w)
+    with hold_workspace(cfg, reporter):
+        try:
+            return _train(cfg, reporter)
+        except Cancelled:
+            reporter.stage("stopped before training began; what was made is kept, run again to go on")
+            return TrainResult("cancelled", 0)
+
+
+def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     from accelerate import Accelerator
 
     from dreambooth_ext.train.optim import optimizer_available
     from dreambooth_ext.train.precision import check_attention, choose_attention, pick_device, resolve_mixed_precision
 
-    reporter = reporter or Reporter()
-    for w in validate(cfg):
-        reporter.warn(w)
     device = pick_device()
     check_attention(cfg.attention, device)
     usable, why = optimizer_available(cfg.optimizer, device)
@@ -67,14 +84,14 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     except Cancelled:
         reporter.stage("stopped while generating class images; the ones made are kept")
         return TrainResult("cancelled", 0)
-    instances, classes = build_examples(cfg, reporter.warn)
+    instances, classes = build_examples(cfg, reporter.warn, should_stop=reporter.should_stop)
     if cfg.prior_loss_weight > 0 and any(c.class_prompt for c in cfg.concepts) and not len(classes):
         reporter.warn("no class images are available, so prior preservation is off for this run")
 
     latents = LatentSource(bundle.vae, cfg, cfg.cache_latents)
     if cfg.cache_latents:
         every = instances.examples + classes.examples
-        latents.precompute(every, lambda d, t: reporter.stage("caching latents", d, t))
+        latents.precompute(every, lambda d, t: _stage_or_stop(reporter, "caching latents", d, t))
 
     from dreambooth_ext.train.trainables import setup_trainables
 
@@ -127,13 +144,24 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     acc.wait_for_everyone()
     result.step = progress.step
     if acc.is_main_process:
+        state_error = None
         if progress.step > first:
-            _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+            state_error = _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
             reporter.stage(f"trained {progress.step - first} steps in {time.time() - started:.1f} s")
         if cfg.sample_every:
-            result.samples += _samples(cfg, bundle, trainables, workspace, progress.step, ema, reporter)
-        result.outputs += [str(p) for p in _outputs(cfg, bundle, trainables, progress.step, ema, reporter)]
+            try:
+                result.samples += _samples(cfg, bundle, trainables, workspace, progress.step, ema, reporter)
+            except UserError as e:  # the model matters more than its samples
+                reporter.warn(str(e))
+        outputs = _final_outputs(cfg, bundle, trainables, workspace, progress.step, ema, reporter, state_error)
+        result.outputs += [str(p) for p in outputs]
     return result
+
+
+def _stage_or_stop(reporter, text, done, total):
+    reporter.stage(text, done, total)
+    if reporter.should_stop():
+        raise Cancelled()
 
 
 def _check_sizes(cfg, bundle):
@@ -167,7 +195,8 @@ def _load_base(cfg, workspace: Path, acc, reporter):
     from dreambooth_ext.train.models import load_bundle, prepare_base
 
     with _main_first(acc):
-        folder = prepare_base(cfg.checkpoint, workspace, cfg.family, progress=reporter.stage)
+        folder = prepare_base(cfg.checkpoint, workspace, cfg.family, progress=reporter.stage,
+                              should_stop=reporter.should_stop)
     reporter.stage(f"loading {folder}")
     return load_bundle(folder)
 
@@ -243,6 +272,9 @@ def _optimizer_step(cfg, step, micro, instances, classes, trainables, optimizer,
                 loss = loss + cfg.prior_loss_weight * micro.loss(classes, index, "class", te_grad)
         acc.backward(loss / cfg.gradient_accumulation_steps)
         total += loss.detach().float().item()
+    if not math.isfinite(total):
+        optimizer.zero_grad(set_to_none=True)  # these gradients never reach the weights
+        raise UserError(non_finite_message(cfg, step + 1, total))
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(trainables.parameters(), cfg.max_grad_norm)
     optimizer.step()
@@ -284,10 +316,37 @@ def _outputs(cfg, bundle, trainables, step, ema, reporter):
 
     reporter.stage(f"saving the model at step {step}")
     with _ema_weights(trainables, ema):
+        check_finite_weights(cfg, trainables, step)
         return write_outputs(cfg, bundle, trainables, step, reporter)
 
 
+def _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress) -> Optional[str]:
+    """Save the last state; a failure (a full disk) is returned, so the model can still be written."""
+    try:
+        _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+    except NonFiniteWeights:
+        raise
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def _final_outputs(cfg, bundle, trainables, workspace, step, ema, reporter, state_error):
+    """The model files; a failure says what is kept, so nothing trained is lost without a word."""
+    try:
+        written = _outputs(cfg, bundle, trainables, step, ema, reporter)
+    except UserError as e:
+        if state_error:
+            raise UserError(f"{e} The training state could not be saved either: {state_error}") from None
+        raise UserError(f"{e} The training state at step {step} is kept in {st.state_dir(workspace)}: run "
+                        "the same settings again to write the model without training again.") from None
+    if state_error:
+        reporter.warn(f"The model was written, but the training state was not: {state_error}")
+    return written
+
+
 def _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress):
+    check_finite_weights(cfg, trainables, progress.step)
     progress.config = _resumable_config(cfg)
     st.save_state(workspace, trainables.state(), optimizer, lr_scheduler, acc.scaler, ema, progress)
 
