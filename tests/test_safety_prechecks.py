@@ -107,3 +107,25 @@ def test_a_diffusers_folder_base_is_checked_from_its_configs(tiny_checkpoints, t
     with pytest.raises(UserError) as e:
         precheck(small_config(tmp_path, folder, resolution=72))
     assert "multiple of 16" in str(e.value)
+
+
+class _StopAtStage(RecordingReporter):
+    def __init__(self, words):
+        super().__init__()
+        self.words = words
+
+    def should_stop(self):
+        return any(self.words in s for s in self.stages)
+
+
+@pytest.mark.parametrize("stage", ["converting", "caching latents"])
+def test_a_stop_works_before_the_training_steps(stage, tiny_checkpoints, tmp_path):
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), num_class_images=0)
+    reporter = _StopAtStage(stage)
+    result = train(cfg, reporter)
+    assert result.status == "cancelled" and result.step == 0 and not reporter.losses
+    assert "stopped before training began" in reporter.stages[-1]
+    assert not (tmp_path / "models" / "Stable-diffusion").exists()
+    assert not (cfg.workspace_path() / "run.lock").exists()
+    if stage == "converting":
+        assert not (cfg.workspace_path() / "base" / "model").exists()
