@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -62,12 +63,37 @@ class TensorSource:
         return {k: self.shape(k) for k in self.keys()}
 
 
+@contextlib.contextmanager
+def openable_name(path: Path) -> Iterator[str]:
+    """A name the Rust and C++ readers accept, also for a file name that is not valid UTF-8."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.path.isdir("/proc/self/fd"):
+                yield f"/proc/self/fd/{fd}"  # the open file itself, whatever its name's bytes
+                return
+        finally:
+            os.close(fd)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            link = os.path.join(tmp, "checkpoint" + "".join(Path(path).suffixes[-1:]))
+            os.symlink(os.path.abspath(path), link)
+            yield link
+        return
+    yield name
+
+
 class SafetensorsSource(TensorSource):
     def __init__(self, path: Path):
         from safetensors import safe_open
 
         self.path = Path(path)
-        self._file = safe_open(str(path), framework="pt", device="cpu")
+        with openable_name(self.path) as name:
+            self._file = safe_open(name, framework="pt", device="cpu")
         self.metadata = self._file.metadata() or {}
         self._keys = list(self._file.keys())
 
@@ -163,6 +189,21 @@ def open_checkpoint(path) -> TensorSource:
     )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _what_pickle_wants(e: Exception) -> str:
+    """The refused part of torch's long weights-only message, without its terminal colours."""
+    text = _ANSI.sub("", str(e))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"the code or object {found.group(1)}"
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return f"a pickle instruction (operand {found.group(1)}) beyond plain tensors"
+    return "objects beyond tensors"
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -195,18 +236,17 @@ def _load_pickled_state(path: Path) -> Dict[str, torch.Tensor]:
     import pickle
 
     try:
-        with torch.serialization.safe_globals(_KNOWN_CKPT_GLOBALS):
+        with torch.serialization.safe_globals(_KNOWN_CKPT_GLOBALS), openable_name(path) as name:
             try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                obj = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format: no mmap
+                obj = torch.load(name, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except pickle.UnpicklingError as e:
         raise UserError(
-            f"{path.name} was refused: its pickle asks to run code or build objects that a checkpoint "
-            f"does not need ({_first_line(e)[:160]}). Nothing in it was executed; use a .safetensors "
-            "version of this model."
+            f"{path.name} was refused: its pickle asks for {_what_pickle_wants(e)}, which a checkpoint never "
+            "needs. Nothing in it was executed; use a .safetensors version of this model."
         ) from None
     except Exception as e:
         raise UserError(

@@ -19,6 +19,7 @@ from dreambooth_ext.train.batches import MicroBatch, PromptCache
 from dreambooth_ext.train.config import TrainConfig, to_dict
 from dreambooth_ext.train.dataset import LatentSource, build_examples
 from dreambooth_ext.train.finite import NonFiniteWeights, check_finite_weights, non_finite_message
+from dreambooth_ext.train.prompt_length import long_prompt_warning
 from dreambooth_ext.train.reporter import Cancelled, Reporter
 
 
@@ -85,6 +86,8 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         reporter.stage("stopped while generating class images; the ones made are kept")
         return TrainResult("cancelled", 0)
     instances, classes = build_examples(cfg, reporter.warn, should_stop=reporter.should_stop)
+    for w in long_prompt_warning(bundle.tokenizers[0], instances.examples + classes.examples, cfg.sample_prompts):
+        reporter.warn(w)
     if cfg.prior_loss_weight > 0 and any(c.class_prompt for c in cfg.concepts) and not len(classes):
         reporter.warn("no class images are available, so prior preservation is off for this run")
 
