@@ -11,9 +11,10 @@ class NonFiniteWeights(UserError):
     """Trained weights that must not be saved; never retried as a full disk would be."""
 
 
-def non_finite_message(cfg, step: int, loss: float) -> str:
+def non_finite_message(cfg, step: int, loss: float, precision: str = "fp16") -> str:
+    """precision: the mixed precision the run uses (no, fp16, bf16)."""
     what = "NaN" if math.isnan(loss) else "infinite"
-    fp16 = " fp16 overflow (set mixed precision to bf16 or no)," if cfg.mixed_precision in ("auto", "fp16") else ""
+    fp16 = " fp16 overflow (set mixed precision to bf16 or no)," if precision == "fp16" else ""
     return (f"The loss became {what} at step {step}, so training stopped: likely causes are a learning rate too high "
             f"({cfg.unet_learning_rate:g}; lower it),{fp16} or a base model with broken weights. No model was written "
             "from these weights, and the last saved state (if any) is kept.")

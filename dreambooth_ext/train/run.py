@@ -277,7 +277,7 @@ def _optimizer_step(cfg, step, micro, instances, classes, trainables, optimizer,
         total += loss.detach().float().item()
     if not math.isfinite(total):
         optimizer.zero_grad(set_to_none=True)  # these gradients never reach the weights
-        raise UserError(non_finite_message(cfg, step + 1, total))
+        raise UserError(non_finite_message(cfg, step + 1, total, str(acc.mixed_precision)))
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(trainables.parameters(), cfg.max_grad_norm)
     optimizer.step()

@@ -70,7 +70,7 @@ def _file_holder(path: Path) -> Optional[dict]:
 
 def busy_message(name: str, workspace: Path, info: dict) -> str:
     since = ""
-    if isinstance(info.get("started"), (int, float)):
+    if isinstance(info.get("started"), (int, float)) and info["started"] > 0:
         since = " since " + time.strftime("%Y-%m-%d %H:%M", time.localtime(info["started"]))
     return (f"'{name}' is already training (process {info.get('pid')} on {info.get('host')}{since}, "
             f"lock {lock_path(workspace)}); wait for it to end, or give this run another name.")
