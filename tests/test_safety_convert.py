@@ -4,7 +4,7 @@ import pytest
 
 from dreambooth_ext.bridge import diffusers_to_single_file, single_file_to_diffusers
 from dreambooth_ext.cli import main
-from dreambooth_ext.errors import Cancelled, UserError
+from dreambooth_ext.errors import Cancelled
 
 
 def _one_error_line(capsys):

@@ -203,3 +203,30 @@ def test_a_base_with_nan_weights_is_refused_when_converted(tiny_checkpoints, tmp
     assert not (cfg.workspace_path() / "base" / "model").exists()
     assert _temporaries(tmp_path) == []
     assert not os.path.exists(tmp_path / "models" / "Stable-diffusion")
+
+
+def test_a_full_disk_for_both_the_state_and_the_lora_names_both(tiny_checkpoints, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), train_mode="lora", max_steps=2, num_class_images=0)
+    with pytest.raises(UserError) as e:
+        train(cfg, RecordingReporter())
+    msg = str(e.value)
+    assert "disk filled up while writing tiny_2.safetensors" in msg and "could not be saved either" in msg
+    assert not list((tmp_path / "models").rglob("tiny_2.safetensors"))
+    assert _temporaries(tmp_path) == []
+
+
+def test_a_lock_from_another_machine_says_how_to_clear_it(tmp_path):
+    import json
+
+    from dreambooth_ext.train.workspace_lock import check_free
+
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
+    with pytest.raises(UserError) as e:
+        check_free("tiny", tmp_path)
+    assert "on elsewhere" in str(e.value) and "delete that lock file" in str(e.value)

@@ -16,7 +16,7 @@ import torch
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train import state as st
 from dreambooth_ext.train.batches import MicroBatch, PromptCache
-from dreambooth_ext.train.config import TrainConfig, to_dict
+from dreambooth_ext.train.config import TrainConfig
 from dreambooth_ext.train.dataset import LatentSource, build_examples
 from dreambooth_ext.train.finite import NonFiniteWeights, check_finite_weights, non_finite_message
 from dreambooth_ext.train.prompt_length import long_prompt_warning

@@ -72,8 +72,11 @@ def busy_message(name: str, workspace: Path, info: dict) -> str:
     since = ""
     if isinstance(info.get("started"), (int, float)) and info["started"] > 0:
         since = " since " + time.strftime("%Y-%m-%d %H:%M", time.localtime(info["started"]))
+    elsewhere = ""
+    if info.get("host") != socket.gethostname():  # its process cannot be checked from this machine
+        elsewhere = f"; if nothing runs on {info.get('host')}, delete that lock file"
     return (f"'{name}' is already training (process {info.get('pid')} on {info.get('host')}{since}, "
-            f"lock {lock_path(workspace)}); wait for it to end, or give this run another name.")
+            f"lock {lock_path(workspace)}); wait for it to end, or give this run another name{elsewhere}.")
 
 
 def check_free(name: str, workspace: Path) -> None:
