@@ -72,7 +72,7 @@ def test_an_existing_file_where_a_folder_goes_is_refused_before_the_work(tiny_ch
     from dreambooth_ext.bridge import to_diffusers
 
     target = tmp_path / "model.safetensors"
-    target.write_bytes(tiny_checkpoints("sd1").read_bytes())
+    target.write_bytes(tiny_checkpoints("sd1").read_bytes())  # built before the patch below
     monkeypatch.setattr(to_diffusers, "open_checkpoint", lambda *_: pytest.fail("converted before refusing"))
     assert main(["convert", str(tiny_checkpoints("sd1")), str(target), "--overwrite"]) == 1
     assert "not a diffusers model folder" in _one_error_line(capsys)
@@ -83,8 +83,9 @@ def test_an_existing_file_where_a_folder_goes_is_refused_before_the_work(tiny_ch
 def test_a_read_only_destination_is_one_sentence(tiny_checkpoints, tmp_path, capsys, monkeypatch):
     from dreambooth_ext.bridge import destination
 
+    ck = tiny_checkpoints("sd1")
     monkeypatch.setattr(destination.os, "access", lambda *_: False)  # tests run as root: chmod is no test
-    assert main(["convert", str(tiny_checkpoints("sd1")), str(tmp_path / "ro" / "out")]) == 1
+    assert main(["convert", str(ck), str(tmp_path / "ro" / "out")]) == 1
     assert "read-only or not yours" in _one_error_line(capsys)
 
 
@@ -96,11 +97,12 @@ def test_a_read_only_folder_at_write_time_is_one_sentence(tiny_checkpoints, tmp_
     def refuse(path, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(tensor_io, "write_safetensors_stream", refuse)
     from dreambooth_ext.bridge import to_diffusers
 
+    ck = tiny_checkpoints("sd1")
+    monkeypatch.setattr(tensor_io, "write_safetensors_stream", refuse)
     monkeypatch.setattr(to_diffusers, "write_safetensors_stream", refuse)
-    assert main(["convert", str(tiny_checkpoints("sd1")), str(tmp_path / "out")]) == 1
+    assert main(["convert", str(ck), str(tmp_path / "out")]) == 1
     assert "cannot be written" in _one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 

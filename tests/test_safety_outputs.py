@@ -211,8 +211,8 @@ def test_a_full_disk_for_both_the_state_and_the_lora_names_both(tiny_checkpoints
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), train_mode="lora", max_steps=2, num_class_images=0)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(UserError) as e:
         train(cfg, RecordingReporter())
     msg = str(e.value)
