@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -106,7 +107,7 @@ def second_run_same_name(root):
     lock.parent.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": 0}))
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": time.time()}))
         return tried(root, *train_args(root))
     finally:
         other.kill()

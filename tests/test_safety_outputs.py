@@ -88,13 +88,14 @@ def _live_pid():
 def test_a_second_run_of_the_same_name_is_refused(tiny_checkpoints, tmp_path):
     import json
     import socket
+    import time
 
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=1, num_class_images=0)
     lock = cfg.workspace_path() / "run.lock"
     lock.parent.mkdir(parents=True)
     other = _live_pid()
     try:
-        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": 0}))
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": time.time()}))
         with pytest.raises(UserError) as e:
             train(cfg, RecordingReporter())
         msg = str(e.value)
@@ -106,6 +107,23 @@ def test_a_second_run_of_the_same_name_is_refused(tiny_checkpoints, tmp_path):
     # its process is gone: the lock is stale and taken over
     assert train(cfg, RecordingReporter()).status == "finished"
     assert not lock.exists()  # released at the end
+
+
+def test_a_lock_whose_process_id_was_reused_is_stale(tmp_path):
+    import json
+    import socket
+    import time
+
+    from dreambooth_ext.train.workspace_lock import check_free
+
+    other = _live_pid()  # began now, an hour after the lock was written: not the lock's process
+    try:
+        (tmp_path / "run.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                       "started": time.time() - 3600}))
+        check_free("tiny", tmp_path)
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_the_lock_refuses_a_second_run_in_the_same_process(tiny_checkpoints, tmp_path):

@@ -129,3 +129,14 @@ def test_a_stop_works_before_the_training_steps(stage, tiny_checkpoints, tmp_pat
     assert not (cfg.workspace_path() / "run.lock").exists()
     if stage == "converting":
         assert not (cfg.workspace_path() / "base" / "model").exists()
+
+
+def test_a_job_for_a_name_another_run_holds_is_refused_in_the_reply(tiny_checkpoints, tmp_path):
+    from dreambooth_ext.train.workspace_lock import workspace_lock
+
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"))
+    runner = JobRunner()
+    with workspace_lock(cfg.name, cfg.workspace_path()):  # e.g. the same name training from the command line
+        with pytest.raises(UserError) as e:
+            runner.start(cfg)
+    assert "'tiny' is already training" in str(e.value) and runner.current is None

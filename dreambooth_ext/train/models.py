@@ -44,6 +44,13 @@ def _source_key(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
+def _read_marker(marker: Path):
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None  # missing, or cut short by a kill: convert again
+
+
 def prepare_base(checkpoint: str, workspace: Path, family: str = "auto",
                  progress: Optional[Callable[[str], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None) -> Path:
@@ -60,7 +67,7 @@ def prepare_base(checkpoint: str, workspace: Path, family: str = "auto",
     base = Path(workspace) / "base"
     marker = base / "source.json"
     key = {**_source_key(src), "family": family}
-    if marker.is_file() and json.loads(marker.read_text()) == key and (base / "model" / "model_index.json").is_file():
+    if _read_marker(marker) == key and (base / "model" / "model_index.json").is_file():
         return base / "model"
     base.mkdir(parents=True, exist_ok=True)
     report = single_file_to_diffusers(src, base / "model", family=family, overwrite=True, progress=progress,

@@ -65,7 +65,22 @@ def _file_holder(path: Path) -> Optional[dict]:
     pid = info.get("pid")
     if not isinstance(pid, int) or pid == os.getpid() or not pid_alive(pid):
         return None
+    started = process_start_time(pid)
+    if started is not None and isinstance(info.get("started"), (int, float)) and started > info["started"] + 2:
+        return None  # that process id now belongs to a process that began after the lock was written
     return info
+
+
+def process_start_time(pid: int) -> Optional[float]:
+    """When a process began (seconds since the epoch), where /proc tells; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def busy_message(name: str, workspace: Path, info: dict) -> str:
