@@ -248,3 +248,28 @@ def test_a_lock_from_another_machine_says_how_to_clear_it(tmp_path):
     with pytest.raises(UserError) as e:
         check_free("tiny", tmp_path)
     assert "on elsewhere" in str(e.value) and "delete that lock file" in str(e.value)
+
+
+def test_a_full_disk_at_a_save_during_the_run_keeps_the_training_so_far(tiny_checkpoints, tmp_path, monkeypatch):
+    from dreambooth_ext.bridge import tensor_io
+
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=4, save_model_every=2, num_class_images=0)
+
+    real = tensor_io.write_safetensors_stream
+
+    def full(path, *a, **k):
+        if "Stable-diffusion" not in str(path):
+            return real(path, *a, **k)
+        with open(path, "wb") as f:
+            f.write(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensor_io, "write_safetensors_stream", full)  # the checkpoint cannot be written, the state can
+    with pytest.raises(UserError) as e:
+        train(cfg, RecordingReporter())
+    assert "disk filled up while writing tiny_2.safetensors" in str(e.value)
+    assert "state at step 2 is saved" in str(e.value)
+    monkeypatch.undo()
+    again = RecordingReporter()
+    assert train(cfg, again).status == "finished" and again.losses[0][0] == 3
+    assert _temporaries(tmp_path) == []

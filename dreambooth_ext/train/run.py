@@ -138,7 +138,8 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         if cfg.save_state_every and step % cfg.save_state_every == 0 and step < cfg.max_steps:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
         if cfg.save_model_every and step % cfg.save_model_every == 0 and step < cfg.max_steps:
-            result.outputs += [str(p) for p in _outputs(cfg, bundle, trainables, step, ema, reporter)]
+            result.outputs += [str(p) for p in _outputs_or_state(cfg, bundle, trainables, workspace, optimizer,
+                                                                 lr_scheduler, acc, ema, progress, reporter)]
         if reporter.should_stop() and step < cfg.max_steps:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
             reporter.stage(f"stopped at step {step}; the state is saved, run again to resume")
@@ -332,6 +333,20 @@ def _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, 
     except UserError as e:
         return str(e)
     return None
+
+
+def _outputs_or_state(cfg, bundle, trainables, workspace, optimizer, lr_scheduler, acc, ema, progress, reporter):
+    """A model save during the run; when it fails, the state is saved so the training so far is kept."""
+    try:
+        return _outputs(cfg, bundle, trainables, progress.step, ema, reporter)
+    except NonFiniteWeights:
+        raise
+    except UserError as e:
+        state_error = _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+        if state_error:
+            raise UserError(f"{e} The training state could not be saved either: {state_error}") from None
+        raise UserError(f"{e} The training state at step {progress.step} is saved in {st.state_dir(workspace)}: "
+                        "run the same settings again to go on from there.") from None
 
 
 def _final_outputs(cfg, bundle, trainables, workspace, step, ema, reporter, state_error):
