@@ -241,6 +241,39 @@ def convert_folder_over_file(root):
     return tried(root, "convert", str(root / "base" / "tiny.safetensors"), str(root / "exists.safetensors"), "--overwrite")
 
 
+@contextlib.contextmanager
+def disk_full_for(fragment: str):
+    """Writes whose path contains `fragment` fail as a full disk does (after half a file)."""
+    import errno
+
+    from dreambooth_ext.bridge import tensor_io
+
+    real = tensor_io.write_safetensors_stream
+
+    def full(path, *a, **k):
+        if fragment not in str(path):
+            return real(path, *a, **k)
+        Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    tensor_io.write_safetensors_stream = full
+    try:
+        yield
+    finally:
+        tensor_io.write_safetensors_stream = real
+
+
+def disk_full_final_model(root):
+    cli(*train_args(root))  # run_2.safetensors exists, written by this run
+    with disk_full_for("Stable-diffusion"):
+        return tried(root, *train_args(root))  # the same run again must rewrite it
+
+
+def disk_full_mid_run(root):
+    with disk_full_for("Stable-diffusion"):
+        return tried(root, *train_args(root, "--steps", "4", "--save-model-every", "2"))
+
+
 CASES: List[Case] = [
     Case("run named after its own base (mybase / mybase_2)", own_base_clash),
     Case("someone else's NAME_<step>.safetensors exists", foreign_file_clash),
@@ -262,6 +295,8 @@ CASES: List[Case] = [
     Case("base with a NaN weight", nan_base),
     Case("learning rate 10", learning_rate_10),
     Case("checkpoint name not UTF-8", non_utf8_name),
+    Case("disk full while rewriting the final model", disk_full_final_model),
+    Case("disk full at a model save during the run", disk_full_mid_run),
     Case("convert SRC onto itself --overwrite", convert_onto_itself),
     Case("convert into the source folder --overwrite", convert_into_source),
     Case("convert --overwrite onto a folder of photos", convert_over_unrelated_folder),
