@@ -273,3 +273,21 @@ def test_a_full_disk_at_a_save_during_the_run_keeps_the_training_so_far(tiny_che
     again = RecordingReporter()
     assert train(cfg, again).status == "finished" and again.losses[0][0] == 3
     assert _temporaries(tmp_path) == []
+
+
+def test_a_diffusers_folder_base_with_nan_weights_is_refused(tiny_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth_ext.bridge import single_file_to_diffusers
+
+    folder = tmp_path / "base"
+    single_file_to_diffusers(tiny_checkpoints("sd1"), folder)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], float("inf"))
+    save_file(tensors, str(weights))
+    with pytest.raises(UserError) as e:
+        train(small_config(tmp_path, folder, max_steps=1, num_class_images=0), RecordingReporter())
+    assert f"The base model {folder} holds NaN or infinite values (vae: {key})" in str(e.value)
+    assert not (tmp_path / "models" / "Stable-diffusion").exists()

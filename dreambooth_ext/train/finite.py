@@ -27,3 +27,13 @@ def check_finite_weights(cfg, trainables, step: int) -> None:
             raise NonFiniteWeights(f"The trained weights of '{cfg.name}' hold NaN or infinite values at step {step}, "
                             "so nothing was saved from them: lower the learning rate, or set mixed precision "
                             "to bf16 or no; the last saved state (if any) is kept.")
+
+
+def check_finite_base(bundle, folder) -> None:
+    """A diffusers folder is not converted, so its weights are checked here, once, as they are loaded."""
+    for label, module in [("unet", bundle.unet), ("vae", bundle.vae)] + [
+            (f"text_encoder{'' if i == 0 else f'_{i + 1}'}", te) for i, te in enumerate(bundle.text_encoders)]:
+        for name, p in module.state_dict().items():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise UserError(f"The base model {folder} holds NaN or infinite values ({label}: {name}); it is broken "
+                                "and cannot be trained: download it again or pick another one.")

@@ -18,7 +18,7 @@ from dreambooth_ext.train import state as st
 from dreambooth_ext.train.batches import MicroBatch, PromptCache
 from dreambooth_ext.train.config import TrainConfig
 from dreambooth_ext.train.dataset import LatentSource, build_examples
-from dreambooth_ext.train.finite import NonFiniteWeights, check_finite_weights, non_finite_message
+from dreambooth_ext.train.finite import NonFiniteWeights, check_finite_base, check_finite_weights, non_finite_message
 from dreambooth_ext.train.prompt_length import long_prompt_warning
 from dreambooth_ext.train.reporter import Cancelled, Reporter
 
@@ -202,7 +202,10 @@ def _load_base(cfg, workspace: Path, acc, reporter):
         folder = prepare_base(cfg.checkpoint, workspace, cfg.family, progress=reporter.stage,
                               should_stop=reporter.should_stop)
     reporter.stage(f"loading {folder}")
-    return load_bundle(folder)
+    bundle = load_bundle(folder)
+    if Path(folder) == Path(cfg.checkpoint).expanduser():  # a diffusers folder: no conversion checked it
+        check_finite_base(bundle, folder)
+    return bundle
 
 
 @contextlib.contextmanager
