@@ -55,7 +55,7 @@ def _identity(path: Path) -> Optional[dict]:
 
 
 def _key(path: Path) -> str:
-    return os.path.abspath(str(path))
+    return os.path.realpath(str(path))
 
 
 def read_record(cfg) -> Dict[str, dict]:
@@ -107,7 +107,7 @@ def clashes(cfg) -> List[Path]:
     pattern = re.compile(re.escape(cfg.name) + r"_(\d+)(\.[A-Za-z]+)$")
     record = read_record(cfg)
     base = Path(cfg.checkpoint).expanduser()
-    base = os.path.abspath(str(base)) if str(cfg.checkpoint).strip() else None
+    base = _key(base) if str(cfg.checkpoint).strip() else None
     found = []
     for folder, suffixes in _targets(cfg):
         try:
@@ -127,8 +127,7 @@ def clashes(cfg) -> List[Path]:
 def check_no_clash(cfg) -> None:
     found = clashes(cfg)
     if found:
-        base = os.path.abspath(str(Path(cfg.checkpoint).expanduser()))
-        if _key(found[0]) == base:
+        if _key(found[0]) == _key(Path(cfg.checkpoint).expanduser()):
             raise UserError(f"The run would save over its own base model {found[0]}; give the run another name "
                             "(files are written as NAME_<step>).")
         raise UserError(clash_message(cfg, found[0]))

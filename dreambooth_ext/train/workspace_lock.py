@@ -17,6 +17,7 @@ from dreambooth_ext.errors import UserError
 
 LOCK_NAME = "run.lock"
 _HELD = set()  # workspaces this process holds: a second thread of the same process is refused too
+_HELD_INFO = {}  # workspace -> what its lock file says, for the message
 _HELD_LOCK = threading.Lock()
 
 
@@ -50,7 +51,7 @@ def holder(workspace: Path) -> Optional[dict]:
     key = str(Path(workspace).resolve())
     with _HELD_LOCK:
         if key in _HELD:
-            return {"pid": os.getpid(), "host": socket.gethostname(), "started": None}
+            return dict(_HELD_INFO.get(key, {"pid": os.getpid(), "host": socket.gethostname()}))
     return _file_holder(lock_path(workspace))
 
 
@@ -90,8 +91,9 @@ def busy_message(name: str, workspace: Path, info: dict) -> str:
     elsewhere = ""
     if info.get("host") != socket.gethostname():  # its process cannot be checked from this machine
         elsewhere = f"; if nothing runs on {info.get('host')}, delete that lock file"
-    return (f"'{name}' is already training (process {info.get('pid')} on {info.get('host')}{since}, "
-            f"lock {lock_path(workspace)}); wait for it to end, or give this run another name{elsewhere}.")
+    holder_name = info.get("name") if isinstance(info.get("name"), str) else name
+    return (f"'{holder_name}' is already training in {workspace} (process {info.get('pid')} on {info.get('host')}"
+            f"{since}, lock {lock_path(workspace)}); wait for it to end, or give this run another name{elsewhere}.")
 
 
 def check_free(name: str, workspace: Path) -> None:
@@ -108,8 +110,9 @@ def workspace_lock(name: str, workspace: Path) -> Iterator[None]:
     key = str(workspace.resolve())
     with _HELD_LOCK:
         if key in _HELD:
-            raise UserError(busy_message(name, workspace, {"pid": os.getpid(), "host": socket.gethostname()}))
+            raise UserError(busy_message(name, workspace, _HELD_INFO.get(key, {})))
         _HELD.add(key)
+        _HELD_INFO[key] = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "name": name}
     try:
         _acquire(name, workspace)
         try:
@@ -119,11 +122,12 @@ def workspace_lock(name: str, workspace: Path) -> Iterator[None]:
     finally:
         with _HELD_LOCK:
             _HELD.discard(key)
+            _HELD_INFO.pop(key, None)
 
 
 def _acquire(name: str, workspace: Path) -> None:
     path = lock_path(workspace)
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "name": name}
     tmp = path.with_name(f".{LOCK_NAME}.partial-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(mine), encoding="utf-8")
