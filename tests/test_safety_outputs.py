@@ -291,3 +291,36 @@ def test_a_diffusers_folder_base_with_nan_weights_is_refused(tiny_checkpoints, t
         train(small_config(tmp_path, folder, max_steps=1, num_class_images=0), RecordingReporter())
     assert f"The base model {folder} holds NaN or infinite values (vae: {key})" in str(e.value)
     assert not (tmp_path / "models" / "Stable-diffusion").exists()
+
+
+def test_samples_that_cannot_be_written_do_not_cost_the_model(tiny_checkpoints, tmp_path, monkeypatch):
+    from PIL import Image
+
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=2, sample_every=1, num_sample_images=1,
+                       sample_steps=1, num_class_images=0)
+
+    def full(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    reporter = RecordingReporter()
+    result = train(cfg, reporter)
+    assert result.status == "finished" and result.outputs
+    assert any("sample image" in w for w in reporter.warnings)
+
+
+def test_a_read_only_class_folder_reports_the_write_not_the_cleanup(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dreambooth_ext.train import class_images
+
+    def refuse(tmp):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def unlink(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(UserError) as e:
+        class_images._write_atomic(tmp_path / "class_00000-abcdef12.png", refuse)
+    assert "class_00000-abcdef12.png cannot be written" in str(e.value) and "read-only" in str(e.value)

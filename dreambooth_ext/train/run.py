@@ -134,7 +134,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         if not acc.is_main_process:
             continue
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
-            result.samples += _samples(cfg, bundle, trainables, workspace, step, ema, reporter)
+            result.samples += _samples_or_warn(cfg, bundle, trainables, workspace, step, ema, reporter)
         if cfg.save_state_every and step % cfg.save_state_every == 0 and step < cfg.max_steps:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
         if cfg.save_model_every and step % cfg.save_model_every == 0 and step < cfg.max_steps:
@@ -153,10 +153,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
             state_error = _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
             reporter.stage(f"trained {progress.step - first} steps in {time.time() - started:.1f} s")
         if cfg.sample_every:
-            try:
-                result.samples += _samples(cfg, bundle, trainables, workspace, progress.step, ema, reporter)
-            except UserError as e:  # the model matters more than its samples
-                reporter.warn(str(e))
+            result.samples += _samples_or_warn(cfg, bundle, trainables, workspace, progress.step, ema, reporter)
         outputs = _final_outputs(cfg, bundle, trainables, workspace, progress.step, ema, reporter, state_error)
         result.outputs += [str(p) for p in outputs]
     return result
@@ -316,6 +313,15 @@ def _samples(cfg, bundle, trainables, workspace, step, ema, reporter) -> List[st
             negative_prompt=cfg.sample_negative_prompt, resolution=cfg.resolution, out_dir=workspace / "samples",
             step=step, on_image=lambda path, prompt, seed: reporter.sample(str(path), prompt, seed, step))
     return [str(p) for p in paths]
+
+
+def _samples_or_warn(cfg, bundle, trainables, workspace, step, ema, reporter) -> List[str]:
+    """Samples that cannot be written (a full disk) are a warning: the training goes on to its model."""
+    try:
+        return _samples(cfg, bundle, trainables, workspace, step, ema, reporter)
+    except UserError as e:
+        reporter.warn(str(e))
+        return []
 
 
 def _outputs(cfg, bundle, trainables, step, ema, reporter):
