@@ -117,3 +117,16 @@ def test_a_stop_during_conversion_leaves_nothing(tiny_checkpoints, tmp_path):
     with pytest.raises(Cancelled):
         single_file_to_diffusers(tiny_checkpoints("sd1"), tmp_path / "out", should_stop=stop)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_removes_what_a_killed_conversion_left(tiny_checkpoints, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    stale = tmp_path / f".out.partial-{p.pid}"
+    stale.mkdir()
+    (stale / "model_index.json").write_text("{}")
+    assert main(["convert", str(tiny_checkpoints("sd1")), str(tmp_path / "out")]) == 0
+    assert not stale.exists() and (tmp_path / "out" / "model_index.json").is_file()

@@ -70,14 +70,15 @@ def recover_aside(path: Path) -> Optional[Path]:
     return aside
 
 
-def remove_stale(folder: Path) -> List[Path]:
+def remove_stale(folder: Path, only: Optional[str] = None) -> List[Path]:
     """Remove the temporaries and asides in `folder` whose process is gone; returns what was removed.
 
-    Call recover_aside first for folders that may be missing their current copy.
+    `only`: just those of this file name. Call recover_aside first for folders that may be
+    missing their current copy.
     """
     removed = []
     for p, name, kind, pid in _leftovers(Path(folder)):
-        if _alive(pid):
+        if _alive(pid) or (only is not None and name != only):
             continue
         if kind == "previous" and not (Path(folder) / name).exists():
             continue  # the only copy left: keep it for recover_aside
