@@ -18,7 +18,11 @@ FAMILIES = ["auto", "sd1", "sd2", "sd2-v", "sdxl"]
 def _convert(args) -> int:
     from dreambooth_ext.bridge import diffusers_to_single_file, single_file_to_diffusers
 
+    from dreambooth_ext.bridge.temporaries import remove_stale
+
     src, dst = Path(args.src), Path(args.dst)
+    for stale in remove_stale(dst.parent, only=dst.name):  # what an earlier, killed conversion to DST left
+        print(f"removed {stale.name}, left by a conversion that was stopped")
     if src.is_dir():
         if args.family != "auto":
             print("note: --family is read from the folder's own configs; the flag is ignored", file=sys.stderr)

@@ -111,8 +111,10 @@ class Job(Reporter):
 class JobRunner:
     """Runs at most one job; a second start while one runs is refused with a clear message."""
 
-    def __init__(self, train_fn: Optional[Callable] = None):
+    def __init__(self, train_fn: Optional[Callable] = None, precheck_fn: Optional[Callable] = None):
         self._train_fn = train_fn
+        # the real trainer's checks run before the reply, so a bad config is answered with its sentence
+        self._precheck_fn = precheck_fn
         self._lock = threading.Lock()
         self.current: Optional[Job] = None
 
@@ -121,6 +123,7 @@ class JobRunner:
         with self._lock:
             if self.current is not None and not self.current.done:
                 raise UserError(f"'{self.current.cfg.name}' is training now; wait for it or interrupt it first.")
+            self._precheck(cfg)
             job = Job(cfg, on_event)
             self.current = job
         run = lambda: self._run(job, around)  # noqa: E731
@@ -130,6 +133,13 @@ class JobRunner:
         else:
             run()
         return job
+
+    def _precheck(self, cfg) -> None:
+        check = self._precheck_fn
+        if check is None and self._train_fn is None:
+            from dreambooth_ext.train.precheck import precheck as check
+        if check is not None:
+            check(cfg)
 
     def _run(self, job: Job, around):
         train_fn = self._train_fn

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -62,12 +63,37 @@ class TensorSource:
         return {k: self.shape(k) for k in self.keys()}
 
 
+@contextlib.contextmanager
+def openable_name(path: Path) -> Iterator[str]:
+    """A name the Rust and C++ readers accept, also for a file name that is not valid UTF-8."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.path.isdir("/proc/self/fd"):
+                yield f"/proc/self/fd/{fd}"  # the open file itself, whatever its name's bytes
+                return
+        finally:
+            os.close(fd)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            link = os.path.join(tmp, "checkpoint" + "".join(Path(path).suffixes[-1:]))
+            os.symlink(os.path.abspath(path), link)
+            yield link
+        return
+    yield name
+
+
 class SafetensorsSource(TensorSource):
     def __init__(self, path: Path):
         from safetensors import safe_open
 
         self.path = Path(path)
-        self._file = safe_open(str(path), framework="pt", device="cpu")
+        with openable_name(self.path) as name:
+            self._file = safe_open(name, framework="pt", device="cpu")
         self.metadata = self._file.metadata() or {}
         self._keys = list(self._file.keys())
 
@@ -163,6 +189,21 @@ def open_checkpoint(path) -> TensorSource:
     )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _what_pickle_wants(e: Exception) -> str:
+    """The refused part of torch's long weights-only message, without its terminal colours."""
+    text = _ANSI.sub("", str(e))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"the code or object {found.group(1)}"
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return f"a pickle instruction (operand {found.group(1)}) beyond plain tensors"
+    return "objects beyond tensors"
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -195,18 +236,17 @@ def _load_pickled_state(path: Path) -> Dict[str, torch.Tensor]:
     import pickle
 
     try:
-        with torch.serialization.safe_globals(_KNOWN_CKPT_GLOBALS):
+        with torch.serialization.safe_globals(_KNOWN_CKPT_GLOBALS), openable_name(path) as name:
             try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                obj = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format: no mmap
+                obj = torch.load(name, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except pickle.UnpicklingError as e:
         raise UserError(
-            f"{path.name} was refused: its pickle asks to run code or build objects that a checkpoint "
-            f"does not need ({_first_line(e)[:160]}). Nothing in it was executed; use a .safetensors "
-            "version of this model."
+            f"{path.name} was refused: its pickle asks for {_what_pickle_wants(e)}, which a checkpoint never "
+            "needs. Nothing in it was executed; use a .safetensors version of this model."
         ) from None
     except Exception as e:
         raise UserError(
@@ -270,34 +310,82 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 
-def _disk_full_message(path: Path) -> str:
-    free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
-    return (
-        f"The disk filled up while writing {path.name} ({free / 2**30:.1f} GiB free in {path.parent}); "
-        "nothing was written there. Free some space and run it again."
-    )
+def aside_sibling(path: Path) -> Path:
+    """Where a folder being replaced waits until its successor is in place."""
+    return path.with_name(f".{path.name}.previous-{os.getpid()}")
+
+
+_WRITE_FAILURE_TEXT = ("no space left", "storagefull", "code: 28", "write failed", "unexpected pos", "disk quota")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save and safetensors wrap the OS error in their own exception types
+    return not isinstance(e, (OSError, UserError)) and any(t in str(e).lower() for t in _WRITE_FAILURE_TEXT)
+
+
+def write_failure(path: Path, e: BaseException, existed: bool) -> Optional[UserError]:
+    """The one sentence for a failed write of `path`, or None when `e` is not a write failure."""
+    before = "the previous one is unchanged" if existed else "nothing was written there"
+    if _is_disk_full(e):
+        free = shutil.disk_usage(_existing_parent(path)).free
+        return UserError(f"The disk filled up while writing {path.name} ({free / 2**30:.1f} GiB free in "
+                         f"{path.parent}); {before}. Free some space and run it again.")
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"{path} cannot be written ({e.strerror or e}; the folder is read-only or not yours); "
+                         f"{before}. Choose another folder or fix its permissions.")
+    if isinstance(e, OSError):
+        return UserError(f"Writing {path} failed ({e.strerror or e}); {before}.")
+    return None
+
+
+def _existing_parent(path: Path) -> Path:
+    for p in [path.parent, *path.parent.parents]:
+        if p.exists():
+            return p
+    return Path.cwd()
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling to write to; rename it to `path` only when the block succeeds."""
+    """Yield a temporary sibling to write to; put it at `path` only when the block succeeds.
+
+    A folder being replaced is renamed aside first and deleted only after the new one is in
+    place, so one complete copy is on disk at every moment (see recover_aside).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
     tmp = _temp_sibling(path)
-    _remove(tmp)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
         yield tmp
         if path.is_dir() and not path.is_symlink():
-            _remove(path)  # replacing a folder: os.replace cannot overwrite a non-empty one
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        if e.errno == errno.ENOSPC:
-            raise UserError(_disk_full_message(path)) from None
+            aside = aside_sibling(path)
+            _remove(aside)
+            os.replace(path, aside)  # os.replace cannot overwrite a non-empty folder
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(aside, path)
+                raise
+            _quiet_remove(aside)
+        else:
+            os.replace(tmp, path)
+    except BaseException as e:
+        _quiet_remove(tmp)
+        failure = write_failure(path, e, existed) if isinstance(e, Exception) else None
+        if failure is not None:
+            raise failure from None
         raise
-    except BaseException:
-        _remove(tmp)
-        raise
+
+
+def _quiet_remove(p: Path):
+    try:
+        _remove(p)
+    except OSError:
+        pass  # a read-only folder: the cleanup must not hide the real error
 
 
 def _remove(p: Path):

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import torch
+
 from dreambooth_ext.bridge.components import EMA_PREFIX, LEGACY_CLIP_PREFIX, base_family, components_for
 from dreambooth_ext.bridge.detect import Detection, detect_family
 from dreambooth_ext.bridge.diffusers_folder import EXTRAS, SIDECAR, write_configs
@@ -15,7 +17,7 @@ from dreambooth_ext.bridge.family_data import load_family
 from dreambooth_ext.bridge.keymap_text import strip_legacy_clip
 from dreambooth_ext.bridge.plan import DTYPES, cast_to, plan_to_diffusers, shapes_summary
 from dreambooth_ext.bridge.tensor_io import Entry, RenamedSource, TensorSource, atomic_path, open_checkpoint, write_safetensors_stream
-from dreambooth_ext.errors import UserError
+from dreambooth_ext.errors import Cancelled, UserError
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +97,37 @@ def _infer_openclip_sizes(fam: dict, source: TensorSource):
             cfg["projection_dim"] = source.shape(prefix + "text_projection")[1]
 
 
+def _checked(entries: List[Entry], src: Path, should_stop: Optional[Callable[[], bool]]) -> List[Entry]:
+    """The same entries, each stopping on request and refusing NaN or infinite weights as it is read."""
+    def wrap(entry: Entry):
+        inner = entry.produce
+
+        def produce():
+            if should_stop is not None and should_stop():
+                raise Cancelled()
+            t = inner()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UserError(f"{src.name} holds NaN or infinite values ({entry.name}); the model is broken and "
+                                "cannot be trained or converted: download it again or pick another one.")
+            return t
+
+        return Entry(entry.name, entry.shape, entry.dtype, produce)
+
+    return [wrap(e) for e in entries]
+
+
 def single_file_to_diffusers(src, dst, family: str = "auto", dtype: Optional[str] = None,
-                             overwrite: bool = False, progress: Optional[Callable[[str], None]] = None) -> ConvertReport:
-    """Convert a WebUI checkpoint to a diffusers folder; nothing is left at `dst` on failure."""
+                             overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
+                             should_stop: Optional[Callable[[], bool]] = None) -> ConvertReport:
+    """Convert a WebUI checkpoint to a diffusers folder; nothing is left at `dst` on failure.
+
+    `should_stop()` is asked before each tensor: a stop raises Cancelled and leaves nothing behind.
+    """
+    from dreambooth_ext.bridge.destination import check_destination
+
     src, dst = Path(src), Path(dst)
     say = progress or log.info
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists; remove it or choose another destination.")
+    check_destination(src, dst, overwrite, "folder")
     source = open_checkpoint(src)
     detection = detect_family(source.shapes(), src.name)
     legacy = detection.family == "sd1" and _legacy_clip_keys(source)
@@ -133,7 +159,8 @@ def single_file_to_diffusers(src, dst, family: str = "auto", dtype: Optional[str
         say(f"converting {src.name} ({detection.label}, {fam['scheduler'].get('prediction_type')}) to {dst}")
         for comp in comps:
             (tmp / comp.name).mkdir(parents=True)
-            write_safetensors_stream(tmp / comp.name / comp.weights_file, plans[comp.name].entries)
+            write_safetensors_stream(tmp / comp.name / comp.weights_file,
+                                     _checked(plans[comp.name].entries, src, should_stop))
             say(f"  {comp.name}: {len(plans[comp.name].entries)} tensors")
         if extra_keys:
             entries = [Entry(k, source.shape(k), cast_to(out_dtype, source.dtype(k)),

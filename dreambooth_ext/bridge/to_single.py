@@ -79,10 +79,15 @@ def diffusers_to_single_file(src, dst, dtype: Optional[str] = None, metadata: Op
         raise UserError(f"{src} is not a folder; a diffusers model is a folder with model_index.json in it.")
     if dst.suffix not in (".safetensors", ".ckpt"):
         raise UserError(f"{dst.name}: the output must end in .safetensors (recommended) or .ckpt.")
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists; remove it or choose another name.")
+    from dreambooth_ext.bridge.destination import check_destination
+
+    check_destination(src, dst, overwrite, "file")
     fam = family_from_folder(src)
     sidecar = read_sidecar(src)
+    yaml_path = dst.with_suffix(".yaml")
+    if _needs_yaml(fam, sidecar) and yaml_path.exists() and not overwrite:
+        raise UserError(f"{yaml_path} already exists and the new model needs its own; pass --overwrite to "
+                        "replace it, or choose another name.")
     out_dtype = DTYPES[dtype] if dtype else None
     comps = components_for(fam)
     entries: List[Entry] = []
@@ -144,12 +149,16 @@ def _metadata(fam: dict, sidecar: dict, extra: Optional[Dict[str, str]]) -> Dict
     return meta
 
 
+def _needs_yaml(fam: dict, sidecar: dict) -> bool:
+    return bool(sidecar.get("yaml_text")) or fam["family"] == "sd2-v" or not is_standard(fam)
+
+
 def _write_beside_yaml(dst: Path, fam: dict, sidecar: dict) -> Optional[Path]:
     """NAME.yaml tells the WebUI the config: for v-prediction and for sizes it cannot guess."""
     yaml_path = dst.with_suffix(".yaml")
     if sidecar.get("yaml_text"):
         text = sidecar["yaml_text"]
-    elif fam["family"] == "sd2-v" or not is_standard(fam):
+    elif _needs_yaml(fam, sidecar):
         from dreambooth_ext.bridge.ldm_yaml_write import generate_yaml
 
         text = generate_yaml(fam)

@@ -124,14 +124,20 @@ def _remove_stale_tmp(folder: Path) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    from dreambooth_ext.bridge.tensor_io import write_failure
+
     tmp = path.with_name(f".{path.name}.tmp")
+    existed = path.exists()
     try:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"Could not write the class image {path} ({e.strerror or e}); "
-                        "free disk space or choose another class folder.") from None
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only folder: the cleanup must not hide the real error
+        raise (write_failure(path, e, existed) or UserError(
+            f"Could not write the class image {path} ({e.strerror or e}); choose another class folder.")) from None
 
 
 def _save(image, folder: Path, prompt: str, index: int) -> Path:

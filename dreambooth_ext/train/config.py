@@ -405,6 +405,8 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any], TrainConfig]) ->
     if isinstance(source, (dict, TrainConfig)):
         return from_dict(TrainConfig, source, "the config")
     path = Path(source)
+    if path.is_dir():
+        raise UserError(f"Config file {path} is a folder; give the path of a JSON settings file.")
     if not path.is_file():
         raise UserError(f"Config file {path} does not exist.")
     try:
@@ -413,6 +415,13 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any], TrainConfig]) ->
         raise UserError(f"Config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
     except UnicodeDecodeError:
         raise UserError(f"Config file {path} is not a UTF-8 text file.") from None
+    except RecursionError:
+        raise UserError(f"Config file {path} is nested too deeply to be a settings file.") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        what = "a number with too many digits" if "digits" in str(e) else "a value that cannot be read"
+        raise UserError(f"Config file {path} holds {what} to be a setting.") from None
+    except OSError as e:
+        raise UserError(f"Config file {path} cannot be read ({e.strerror or e}).") from None
     return from_dict(TrainConfig, data, str(path))
 
 

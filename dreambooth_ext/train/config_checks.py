@@ -38,11 +38,18 @@ def _check_range(value: Any, meta: Dict[str, Any], label: str) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"Setting {label} is '{value}'; choose one of {', '.join(choices)}{hint}.")
     if low is not None and value < low:
-        raise UserError(f"Setting {label} is {value}; it must be at least {low}.")
+        raise UserError(f"Setting {label} is {_shown(value)}; it must be at least {low}.")
     if high is not None and value > high:
-        raise UserError(f"Setting {label} is {value}; it must be at most {high}.")
+        raise UserError(f"Setting {label} is {_shown(value)}; it must be at most {high}.")
     if step and value % step:
         raise UserError(f"Setting {label} is {value}; it must be a multiple of {step} (e.g. {round(value / step) * step}).")
+
+
+def _shown(value: Any) -> str:
+    """A value for a message; an integer of thousands of digits cannot even be printed."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    return str(value)
 
 
 def _check_name(name: str) -> None:

@@ -63,11 +63,19 @@ def _bucket_for(size, cfg, bucket_list) -> Tuple[int, int]:
     return bk.assign_bucket(size[0], size[1], bucket_list, upscale=cfg.bucket_upscale, step=cfg.bucket_step)
 
 
-def build_examples(cfg, warn: Callable[[str], None]) -> Tuple[ExampleSet, ExampleSet]:
-    """(instance examples, class examples) for a config; class examples only where prior preservation is on."""
+def build_examples(cfg, warn: Callable[[str], None],
+                   should_stop: Optional[Callable[[], bool]] = None) -> Tuple[ExampleSet, ExampleSet]:
+    """(instance examples, class examples) for a config; class examples only where prior preservation is on.
+
+    A stop asked for between concepts raises Cancelled.
+    """
+    from dreambooth_ext.errors import Cancelled
+
     bucket_list = bk.make_buckets(cfg.resolution, step=cfg.bucket_step) if cfg.bucketing else []
     instance, klass = [], []
     for i, concept in enumerate(cfg.concepts):
+        if should_stop is not None and should_stop():
+            raise Cancelled()
         paths = check_instance_folder(concept.instance_dir, min_side=cfg.resolution,
                                       label=f"instance image folder of concept {i + 1}", warn=warn)
         sizes = dict(scan_folder(concept.instance_dir)[0])

@@ -45,7 +45,6 @@ peft/diffusers-format files (`lora_A`/`lora_B` keys).
 """
 
 import json
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -183,19 +182,13 @@ def lora_metadata(tensors: Mapping[str, torch.Tensor], family: str, metadata: Op
 
 
 def _write_atomic(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    """The bridge's writer: a temporary sibling renamed into place; a full disk is one sentence."""
     from safetensors.torch import save_file
 
-    partial = path.with_name("." + path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(partial), metadata=metadata)
-        os.replace(partial, path)
-    except Exception as e:
-        if partial.exists():
-            partial.unlink()
-        if isinstance(e, OSError) or "IoError" in str(e):  # safetensors reports disk errors as IoError
-            raise UserError(f"Could not write the LoRA file {path}: {e}. Free some disk space or choose another folder.") from e
-        raise
+    from dreambooth_ext.bridge.tensor_io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def export_webui_lora(

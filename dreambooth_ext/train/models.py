@@ -44,8 +44,16 @@ def _source_key(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
+def _read_marker(marker: Path):
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None  # missing, or cut short by a kill: convert again
+
+
 def prepare_base(checkpoint: str, workspace: Path, family: str = "auto",
-                 progress: Optional[Callable[[str], None]] = None) -> Path:
+                 progress: Optional[Callable[[str], None]] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> Path:
     """A diffusers folder for `checkpoint`: the folder itself, or a conversion cached in the workspace."""
     from dreambooth_ext.bridge import single_file_to_diffusers
 
@@ -59,10 +67,11 @@ def prepare_base(checkpoint: str, workspace: Path, family: str = "auto",
     base = Path(workspace) / "base"
     marker = base / "source.json"
     key = {**_source_key(src), "family": family}
-    if marker.is_file() and json.loads(marker.read_text()) == key and (base / "model" / "model_index.json").is_file():
+    if _read_marker(marker) == key and (base / "model" / "model_index.json").is_file():
         return base / "model"
     base.mkdir(parents=True, exist_ok=True)
-    report = single_file_to_diffusers(src, base / "model", family=family, overwrite=True, progress=progress)
+    report = single_file_to_diffusers(src, base / "model", family=family, overwrite=True, progress=progress,
+                                      should_stop=should_stop)
     for note in report.notes:
         (progress or log.info)(f"note: {note}")
     marker.write_text(json.dumps(key))

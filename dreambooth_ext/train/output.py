@@ -60,21 +60,29 @@ def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
 def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
     """Everything a save writes: the LoRA and/or the checkpoint, named NAME_<step>."""
     from dreambooth_ext.train.lora_export import export_webui_lora
+    from dreambooth_ext.train.owned_files import guard, record_written
 
     written = []
     if trainables.unet_lora:
         path = cfg.lora_path() / f"{cfg.name}_{step}.safetensors"
+        guard(cfg, path)
         tes = trainables.text_encoders if trainables.te_mode == "lora" else []
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
         export_webui_lora(trainables.unet, tes, path, bundle.family, training_metadata(cfg, step, bundle), dtype=dtype)
+        record_written(cfg, path)
         reporter.output(str(path), "lora")
         written.append(path)
     # a fully trained text encoder does not fit in a LoRA file: it needs the checkpoint too
     if not trainables.unet_lora or cfg.save_lora_merged or trainables.te_mode == "full":
         suffix = ".ckpt" if cfg.save_format == "ckpt" else ".safetensors"
-        path = write_checkpoint(cfg, bundle, trainables, step, cfg.checkpoint_path() / f"{cfg.name}_{step}{suffix}")
+        target = cfg.checkpoint_path() / f"{cfg.name}_{step}{suffix}"
+        guard(cfg, target)
+        guard(cfg, target.with_suffix(".yaml"))
+        path = write_checkpoint(cfg, bundle, trainables, step, target)
+        record_written(cfg, path)
         reporter.output(str(path), "checkpoint")
         written.append(path)
         if path.with_suffix(".yaml").is_file():
+            record_written(cfg, path.with_suffix(".yaml"))
             reporter.output(str(path.with_suffix(".yaml")), "yaml")
     return written

@@ -4,11 +4,9 @@ import logging
 import time
 from typing import List, Optional
 
+from dreambooth_ext.errors import Cancelled  # noqa: F401 - re-exported: the trainer raises it
+
 log = logging.getLogger("dreambooth_ext.train")
-
-
-class Cancelled(Exception):
-    """A stop asked for before the training steps began."""
 
 
 class Reporter:

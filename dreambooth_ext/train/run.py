@@ -5,6 +5,7 @@ steps with samples, state and model saves -> final save.
 """
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,10 @@ import torch
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train import state as st
 from dreambooth_ext.train.batches import MicroBatch, PromptCache
-from dreambooth_ext.train.config import TrainConfig, to_dict
-from dreambooth_ext.train.config_checks import validate
+from dreambooth_ext.train.config import TrainConfig
 from dreambooth_ext.train.dataset import LatentSource, build_examples
+from dreambooth_ext.train.finite import NonFiniteWeights, check_finite_base, check_finite_weights, non_finite_message
+from dreambooth_ext.train.prompt_length import long_prompt_warning
 from dreambooth_ext.train.reporter import Cancelled, Reporter
 
 
@@ -31,20 +33,36 @@ class TrainResult:
 
 
 def _resumable_config(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k not in st.RESUMABLE_CHANGES}
+    return st.resumable_config(cfg)
 
 
 def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
-    """Train per `cfg`; UserError for bad input before any work, and nothing half-written in the models folder."""
+    """Train per `cfg`; UserError for bad input before any work, and nothing half-written in the models folder.
+
+    The run holds its workspace (a lock file) from the checks to the end; a stop asked for
+    before the training steps (converting, scanning, class images, caching) ends it as cancelled.
+    """
+    from dreambooth_ext.train.precheck import precheck
+    from dreambooth_ext.train.workspace import hold_workspace
+
+    reporter = reporter or Reporter()
+    for w in precheck(cfg):
+        reporter.warn(w)
+    with hold_workspace(cfg, reporter):
+        try:
+            return _train(cfg, reporter)
+        except Cancelled:
+            reporter.stage("stopped before training began; what was made is kept, run again to go on")
+            return TrainResult("cancelled", 0)
+
+
+def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     from accelerate import Accelerator
 
     from dreambooth_ext.train.optim import optimizer_available
     from dreambooth_ext.train.placement import decide_placement, forget_last_accelerator
     from dreambooth_ext.train.precision import check_attention, choose_attention, pick_device
 
-    reporter = reporter or Reporter()
-    for w in validate(cfg):
-        reporter.warn(w)
     device = pick_device()
     check_attention(cfg.attention, device)
     usable, why = optimizer_available(cfg.optimizer, device)
@@ -71,14 +89,16 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     except Cancelled:
         reporter.stage("stopped while generating class images; the ones made are kept")
         return TrainResult("cancelled", 0)
-    instances, classes = build_examples(cfg, reporter.warn)
+    instances, classes = build_examples(cfg, reporter.warn, should_stop=reporter.should_stop)
+    for w in long_prompt_warning(bundle.tokenizers[0], instances.examples + classes.examples, cfg.sample_prompts):
+        reporter.warn(w)
     if cfg.prior_loss_weight > 0 and any(c.class_prompt for c in cfg.concepts) and not len(classes):
         reporter.warn("no class images are available, so prior preservation is off for this run")
 
     latents = LatentSource(bundle.vae, cfg, cfg.cache_latents)
     if cfg.cache_latents:
         every = instances.examples + classes.examples
-        latents.precompute(every, lambda d, t: reporter.stage("caching latents", d, t))
+        latents.precompute(every, lambda d, t: _stage_or_stop(reporter, "caching latents", d, t))
 
     from dreambooth_ext.train.trainables import setup_trainables
 
@@ -123,11 +143,12 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
         if not acc.is_main_process:
             continue
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
-            result.samples += _samples(cfg, bundle, trainables, workspace, step, ema, reporter, placement)
+            result.samples += _samples_or_warn(cfg, bundle, trainables, workspace, step, ema, reporter, placement)
         if cfg.save_state_every and step % cfg.save_state_every == 0 and step < cfg.max_steps:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
         if cfg.save_model_every and step % cfg.save_model_every == 0 and step < cfg.max_steps:
-            result.outputs += [str(p) for p in _outputs(cfg, bundle, trainables, step, ema, reporter)]
+            result.outputs += [str(p) for p in _outputs_or_state(cfg, bundle, trainables, workspace, optimizer,
+                                                                 lr_scheduler, acc, ema, progress, reporter)]
         if reporter.should_stop() and step < cfg.max_steps:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
             reporter.stage(f"stopped at step {step}; the state is saved, run again to resume")
@@ -136,13 +157,22 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     acc.wait_for_everyone()
     result.step = progress.step
     if acc.is_main_process:
+        state_error = None
         if progress.step > first:
-            _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+            state_error = _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
             reporter.stage(f"trained {progress.step - first} steps in {time.time() - started:.1f} s")
         if cfg.sample_every:
-            result.samples += _samples(cfg, bundle, trainables, workspace, progress.step, ema, reporter, placement)
-        result.outputs += [str(p) for p in _outputs(cfg, bundle, trainables, progress.step, ema, reporter)]
+            result.samples += _samples_or_warn(cfg, bundle, trainables, workspace, progress.step, ema, reporter,
+                                               placement)
+        outputs = _final_outputs(cfg, bundle, trainables, workspace, progress.step, ema, reporter, state_error)
+        result.outputs += [str(p) for p in outputs]
     return result
+
+
+def _stage_or_stop(reporter, text, done, total):
+    reporter.stage(text, done, total)
+    if reporter.should_stop():
+        raise Cancelled()
 
 
 def _check_sizes(cfg, bundle):
@@ -183,9 +213,13 @@ def _load_base(cfg, workspace: Path, acc, reporter, placement):
     from dreambooth_ext.train.models import load_bundle, prepare_base
 
     with _main_first(acc):
-        folder = prepare_base(cfg.checkpoint, workspace, cfg.family, progress=reporter.stage)
+        folder = prepare_base(cfg.checkpoint, workspace, cfg.family, progress=reporter.stage,
+                              should_stop=reporter.should_stop)
     reporter.stage(f"loading {folder}")
-    return load_bundle(folder, dtypes=placement.load_dtypes())
+    bundle = load_bundle(folder, dtypes=placement.load_dtypes())
+    if Path(folder) == Path(cfg.checkpoint).expanduser():  # a diffusers folder: no conversion checked it
+        check_finite_base(bundle, folder)
+    return bundle
 
 
 @contextlib.contextmanager
@@ -267,12 +301,17 @@ def _optimizer_step(cfg, step, micro, instances, classes, trainables, optimizer,
                 loss = loss + cfg.prior_loss_weight * micro.loss(classes, index, "class", te_grad)
         acc.backward(loss / cfg.gradient_accumulation_steps)
         total += loss.detach().float()
+    total_value = total.item()  # the step's one host sync
+    if not math.isfinite(total_value):
+        optimizer.zero_grad(set_to_none=True)  # these gradients never reach the weights
+        raise UserError(non_finite_message(cfg, step + 1, total_value, str(acc.mixed_precision)))
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(trainables.parameters(), cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    mean = total / cfg.gradient_accumulation_steps
-    return (acc.reduce(mean, reduction="mean") if acc.num_processes > 1 else mean).item()
+    if acc.num_processes > 1:
+        return acc.reduce(total / cfg.gradient_accumulation_steps, reduction="mean").item()
+    return total_value / cfg.gradient_accumulation_steps
 
 
 @contextlib.contextmanager
@@ -313,15 +352,65 @@ def _back_to(placement, bundle, phase):
         placement.enter(bundle, phase)
 
 
+def _samples_or_warn(cfg, bundle, trainables, workspace, step, ema, reporter, placement) -> List[str]:
+    """Samples that cannot be written (a full disk) are a warning: the training goes on to its model."""
+    try:
+        return _samples(cfg, bundle, trainables, workspace, step, ema, reporter, placement)
+    except UserError as e:
+        reporter.warn(str(e))
+        return []
+
+
 def _outputs(cfg, bundle, trainables, step, ema, reporter):
     from dreambooth_ext.train.output import write_outputs
 
     reporter.stage(f"saving the model at step {step}")
     with _ema_weights(trainables, ema):
+        check_finite_weights(cfg, trainables, step)
         return write_outputs(cfg, bundle, trainables, step, reporter)
 
 
+def _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress) -> Optional[str]:
+    """Save the last state; a failure (a full disk) is returned, so the model can still be written."""
+    try:
+        _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+    except NonFiniteWeights:
+        raise
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def _outputs_or_state(cfg, bundle, trainables, workspace, optimizer, lr_scheduler, acc, ema, progress, reporter):
+    """A model save during the run; when it fails, the state is saved so the training so far is kept."""
+    try:
+        return _outputs(cfg, bundle, trainables, progress.step, ema, reporter)
+    except NonFiniteWeights:
+        raise
+    except UserError as e:
+        state_error = _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+        if state_error:
+            raise UserError(f"{e} The training state could not be saved either: {state_error}") from None
+        raise UserError(f"{e} The training state at step {progress.step} is saved in {st.state_dir(workspace)}: "
+                        "run the same settings again to go on from there.") from None
+
+
+def _final_outputs(cfg, bundle, trainables, workspace, step, ema, reporter, state_error):
+    """The model files; a failure says what is kept, so nothing trained is lost without a word."""
+    try:
+        written = _outputs(cfg, bundle, trainables, step, ema, reporter)
+    except UserError as e:
+        if state_error:
+            raise UserError(f"{e} The training state could not be saved either: {state_error}") from None
+        raise UserError(f"{e} The training state at step {step} is kept in {st.state_dir(workspace)}: run "
+                        "the same settings again to write the model without training again.") from None
+    if state_error:
+        reporter.warn(f"The model was written, but the training state was not: {state_error}")
+    return written
+
+
 def _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress):
+    check_finite_weights(cfg, trainables, progress.step)
     progress.config = _resumable_config(cfg)
     st.save_state(workspace, trainables.state(), optimizer, lr_scheduler, acc.scaler, ema, progress)
 

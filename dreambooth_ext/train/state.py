@@ -1,7 +1,8 @@
 """Resumable training state: trained weights, optimizer, schedule, EMA, step and loss history.
 
-Written as one folder under a temporary name and renamed, so a kill mid-save leaves the
-previous state intact. Random draws are functions of (seed, step), so nothing else is needed
+Written as one folder under a temporary name; the previous folder is renamed aside, the new
+one renamed in, and only then the old one deleted, so one complete state is on disk at every
+moment (a kill between the renames leaves the aside, which the next start puts back). Random draws are functions of (seed, step), so nothing else is needed
 for a resumed run to end where an uninterrupted one would.
 """
 
@@ -20,6 +21,8 @@ RESUMABLE_CHANGES = {
     "max_steps", "sample_every", "sample_prompts", "sample_negative_prompt", "sample_seeds", "num_sample_images",
     "sample_steps", "sample_guidance", "save_model_every", "save_state_every", "save_format", "save_dtype",
     "save_lora_merged", "dataloader_workers", "models_dir", "checkpoint_dir", "lora_dir",
+    # memory and speed only: the same steps compute the same result
+    "gradient_checkpointing", "attention", "cache_text_embeddings",
 }
 
 
@@ -32,6 +35,28 @@ class Progress:
 
 def state_dir(workspace: Path) -> Path:
     return Path(workspace) / "state"
+
+
+def resumable_config(cfg) -> Dict:
+    """The settings a resumed run must share with the saved one."""
+    from dreambooth_ext.train.config import to_dict
+
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
+
+
+def readable_state_dir(workspace: Path) -> Optional[Path]:
+    """The state folder, or the aside a killed save left in its place (put back at the next start)."""
+    folder = state_dir(workspace)
+    if folder.exists():
+        return folder
+    from dreambooth_ext.bridge.temporaries import left_aside
+
+    return left_aside(folder)
+
+
+def _unreadable(folder: Path, why: str) -> UserError:
+    return UserError(f"The saved training state in {folder} cannot be used ({why}), so this run cannot resume; "
+                     "delete that folder to train from step 0, or give the run another name.")
 
 
 def save_state(workspace: Path, trained: Dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
@@ -51,10 +76,21 @@ def save_state(workspace: Path, trained: Dict[str, torch.Tensor], optimizer, lr_
 
 
 def read_progress(workspace: Path) -> Optional[Progress]:
-    path = state_dir(workspace) / "progress.json"
-    if not path.is_file():
+    """The saved step, losses and settings; None without a state; UserError for a damaged one."""
+    folder = readable_state_dir(workspace)
+    if folder is None:
         return None
-    return Progress(**json.loads(path.read_text()))
+    path = folder / "progress.json"
+    if not path.is_file():
+        raise _unreadable(folder, "progress.json is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise _unreadable(folder, f"progress.json is damaged: {type(e).__name__}") from None
+    if not (isinstance(data, dict) and isinstance(data.get("step"), int) and data["step"] >= 0
+            and isinstance(data.get("losses", []), list) and isinstance(data.get("config", {}), dict)):
+        raise _unreadable(folder, "progress.json does not hold a step, losses and settings")
+    return Progress(step=data["step"], losses=data.get("losses", []), config=data.get("config", {}))
 
 
 def check_resumable(saved: Dict, current: Dict) -> List[str]:

@@ -1,0 +1,133 @@
+"""The name-clash rule: a run replaces only files it wrote itself.
+
+Every model, LoRA and yaml a run writes is recorded in its workspace (path, size, mtime). A file
+that would be written at a planned step and already exists is refused at the start unless the
+record says this run wrote it (a resumed or repeated run replacing its own output). The same
+check runs again just before each write, for files that appeared while the run trained.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from dreambooth_ext.errors import UserError
+
+RECORD = "written.json"
+
+
+def writes_lora(cfg) -> bool:
+    return cfg.train_mode == "lora"
+
+
+def writes_checkpoint(cfg) -> bool:
+    # a fully trained text encoder does not fit in a LoRA file: it needs the checkpoint too
+    return cfg.train_mode != "lora" or cfg.save_lora_merged or cfg.text_encoder_mode == "full"
+
+
+def is_planned_step(cfg, step: int) -> bool:
+    if step == cfg.max_steps:
+        return True
+    return bool(cfg.save_model_every) and 0 < step < cfg.max_steps and step % cfg.save_model_every == 0
+
+
+def _targets(cfg):
+    """(folder, suffixes) the run writes NAME_<step>.<suffix> into."""
+    out = []
+    if writes_lora(cfg):
+        out.append((cfg.lora_path(), (".safetensors",)))
+    if writes_checkpoint(cfg):
+        out.append((cfg.checkpoint_path(), (".ckpt" if cfg.save_format == "ckpt" else ".safetensors", ".yaml")))
+    return out
+
+
+def _record_path(cfg) -> Path:
+    return cfg.workspace_path() / RECORD
+
+
+def _identity(path: Path) -> Optional[dict]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _key(path: Path) -> str:
+    return os.path.realpath(str(path))
+
+
+def read_record(cfg) -> Dict[str, dict]:
+    try:
+        data = json.loads(_record_path(cfg).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def owned(cfg, path: Path, record: Optional[Dict[str, dict]] = None) -> bool:
+    """Did this run write the file now at `path` (and nobody changed it since)?"""
+    record = read_record(cfg) if record is None else record
+    return record.get(_key(path)) == _identity(Path(path))
+
+
+def record_written(cfg, path: Path) -> None:
+    """Remember a file this run just wrote, so a resumed run may replace it."""
+    ident = _identity(Path(path))
+    if ident is None:
+        return
+    record = read_record(cfg)
+    record[_key(path)] = ident
+    target = _record_path(cfg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{RECORD}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # the file itself is written; only a later replacement is refused
+
+
+def clash_message(cfg, path: Path) -> str:
+    return (f"{path} already exists and was not written by this run of '{cfg.name}'; a run never replaces "
+            "another file: give the run another name, or move that file away (a run resumed under the same "
+            "name may replace only the files it wrote itself).")
+
+
+def guard(cfg, path: Path) -> None:
+    """Refuse to write `path` when something this run did not write is there."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not owned(cfg, path):
+        raise UserError(clash_message(cfg, path))
+
+
+def clashes(cfg) -> List[Path]:
+    """Existing files that the run's planned saves would replace, and that it did not write."""
+    pattern = re.compile(re.escape(cfg.name) + r"_(\d+)(\.[A-Za-z]+)$")
+    record = read_record(cfg)
+    base = Path(cfg.checkpoint).expanduser()
+    base = _key(base) if str(cfg.checkpoint).strip() else None
+    found = []
+    for folder, suffixes in _targets(cfg):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue  # not there yet: nothing to clash with
+        for name in names:
+            match = pattern.fullmatch(name)
+            if not match or match.group(2) not in suffixes or not is_planned_step(cfg, int(match.group(1))):
+                continue
+            path = Path(folder) / name
+            if _key(path) == base or not owned(cfg, path, record):
+                found.append(path)
+    return found
+
+
+def check_no_clash(cfg) -> None:
+    found = clashes(cfg)
+    if found:
+        if _key(found[0]) == _key(Path(cfg.checkpoint).expanduser()):
+            raise UserError(f"The run would save over its own base model {found[0]}; give the run another name "
+                            "(files are written as NAME_<step>).")
+        raise UserError(clash_message(cfg, found[0]))
