@@ -1,4 +1,5 @@
-"""HTTP routes under /dreambooth/v1/: start a training job, read its progress, cancel it, list trained models.
+"""HTTP routes under /dreambooth/v1/: start a training job (it waits in the queue while another runs), read its
+progress, cancel it, list and edit the queue, list trained models.
 
 Added to the WebUI's FastAPI app by the adapter when the WebUI runs with --api, behind the same HTTP
 Basic credentials as the WebUI's own API. Bodies are plain dicts, so the routes work with pydantic 1
@@ -180,8 +181,23 @@ def status_dict(job) -> dict:
             "outputs": s.outputs[-STATUS_ITEMS:], "warnings": s.warnings[-STATUS_ITEMS:], "error": s.error}
 
 
-def _busy(runner) -> bool:
-    return runner.current is not None and not runner.current.done
+def queue_dict(runner) -> dict:
+    """GET /queue: the running job (or null) and the waiting ones, first to run first."""
+    current = runner.current if runner.current is not None and not runner.current.done else None
+    waiting = [{"name": s.name, "position": i, "total": s.total, "status": s.status}
+               for i, s in enumerate(runner.waiting(), 1)]
+    return {"running": status_dict(current) if current is not None else None, "queued": waiting}
+
+
+def remove_queued(name: str, runner) -> dict:
+    """DELETE /queue/{name}: a waiting job leaves the queue; the running one is stopped with /cancel instead."""
+    if runner.remove(name):
+        return {"removed": name}
+    current = runner.current
+    if current is not None and not current.done and current.cfg.name == name:
+        raise HTTPException(status_code=409, detail=f"'{name}' is running, not waiting; stop it with "
+                                                    f"POST {PREFIX}/cancel.")
+    raise HTTPException(status_code=404, detail=f"No job named '{name[:100]}' waits in the queue.")
 
 
 def start_job(body: Any, host, roots: List[Path], runner) -> dict:
@@ -194,13 +210,15 @@ def start_job(body: Any, host, roots: List[Path], runner) -> dict:
         cfg, warnings = prepare_config(body, host, roots)
         on_event, around = jobs.host_hooks(host, cfg.name, cfg.max_steps)
         job = runner.start(cfg, on_event=on_event, around=around)
-    except UserError as e:  # a bad setting, a check before any work, or another job running (409)
-        raise HTTPException(status_code=409 if _busy(runner) else 400, detail=str(e)) from None
+    except UserError as e:  # a bad setting, a check before any work (400), or a job of that name (409)
+        raise HTTPException(status_code=409 if isinstance(e, jobs.NameTaken) else 400, detail=str(e)) from None
     except Exception as e:  # noqa: BLE001 - a bug: one sentence to the client, the traceback in the console
         traceback.print_exc()
         first = (str(e).strip().splitlines() or ["no message"])[0]
         raise HTTPException(status_code=500, detail=f"Training could not start: {type(e).__name__}: {first}") from None
-    return {**status_dict(job), "warnings": warnings}
+    names = [s.name for s in runner.waiting()]
+    position = names.index(job.cfg.name) + 1 if job.cfg.name in names else 0
+    return {**status_dict(job), "warnings": warnings, "queue_position": position}
 
 
 def add_routes(app, host, *, credentials: Optional[Dict[str, str]] = None,
@@ -220,6 +238,12 @@ def add_routes(app, host, *, credentials: Optional[Dict[str, str]] = None,
     def cancel():
         return {"cancelled": the_runner().cancel()}
 
+    def queue():
+        return queue_dict(the_runner())
+
+    def remove(name: str):
+        return remove_queued(name, the_runner())
+
     def models():
         folders = {"checkpoint": host.checkpoint_dir(), "lora": host.lora_dir()}
         return {"models": trained_models(folders, _job_names(host, the_runner()))}
@@ -227,4 +251,6 @@ def add_routes(app, host, *, credentials: Optional[Dict[str, str]] = None,
     app.add_api_route(f"{PREFIX}/train", train, methods=["POST"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/cancel", cancel, methods=["POST"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/queue", queue, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/queue/{{name}}", remove, methods=["DELETE"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/models", models, methods=["GET"], dependencies=deps)

@@ -1,7 +1,9 @@
-"""One training job at a time, run in a background thread, its state readable from any thread.
+"""Training jobs run one at a time in a background thread; later ones wait in a queue.
 
 The tab, the API and the standalone page drive training through this: start a job from a
-config, read `snapshot()` while it runs, `cancel()` it between steps, start it again to resume.
+config (it runs at once, or waits its turn when another runs), read `snapshot()` while it runs,
+`cancel()` it between steps, `remove()` a waiting one, start it again to resume. The queue lives in
+the server process, so a page reload or a second browser window sees the same jobs.
 """
 
 import re
@@ -18,7 +20,7 @@ from dreambooth_ext.train.reporter import Reporter
 @dataclass
 class JobState:
     name: str
-    status: str = "starting"  # starting | running | finished | cancelled | failed
+    status: str = "starting"  # queued | starting | running | finished | cancelled | failed
     stage: str = ""
     step: int = 0
     total: int = 0
@@ -37,8 +39,10 @@ class JobState:
 class Job(Reporter):
     """A running training: the Reporter the trainer talks to, and the state others read."""
 
-    def __init__(self, cfg, on_event: Optional[Callable[[str, "Job"], None]] = None):
+    def __init__(self, cfg, on_event: Optional[Callable[[str, "Job"], None]] = None,
+                 around: Optional[Callable] = None):
         self.cfg = cfg
+        self.around = around  # wraps the run when its turn comes (the host's GPU lock and progress bar)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._state = JobState(name=cfg.name, total=cfg.max_steps)
@@ -58,7 +62,7 @@ class Job(Reporter):
 
     @property
     def done(self) -> bool:
-        return self.snapshot().status in ("finished", "cancelled", "failed")
+        return self.snapshot().status in ("finished", "cancelled", "failed", "removed")
 
     # --- called by the trainer
     def _update(self, event: str, **changes):
@@ -108,8 +112,15 @@ class Job(Reporter):
         return self._stop.is_set()
 
 
+class NameTaken(UserError):
+    """A job of that name is running or waiting: a second one would share its workspace and files."""
+
+
 class JobRunner:
-    """Runs at most one job; a second start while one runs is refused with a clear message."""
+    """Runs one job at a time; a job started while another runs waits in `queue` for its turn.
+
+    Every start is checked at once (a bad config is refused before it waits); a second job with
+    the name of a running or waiting one is refused. One worker thread runs the jobs in order."""
 
     def __init__(self, train_fn: Optional[Callable] = None, precheck_fn: Optional[Callable] = None):
         self._train_fn = train_fn
@@ -117,22 +128,35 @@ class JobRunner:
         self._precheck_fn = precheck_fn
         self._lock = threading.Lock()
         self.current: Optional[Job] = None
+        self.queue: List[Job] = []
+        self._working = False  # a worker runs `current` or is about to take the next waiting job
 
     def start(self, cfg, on_event=None, background: bool = True, around: Optional[Callable] = None) -> Job:
-        """Start training `cfg`. `around(fn)` wraps the run (the WebUI's GPU lock, model offloading)."""
+        """Start training `cfg`, or queue it behind the running job (its status is then 'queued').
+        `around(fn)` wraps the run (the WebUI's GPU lock, model offloading)."""
         with self._lock:
-            if self.current is not None and not self.current.done:
-                raise UserError(f"'{self.current.cfg.name}' is training now; wait for it or interrupt it first.")
+            self._check_name(cfg.name)
             self._precheck(cfg)
-            job = Job(cfg, on_event)
+            job = Job(cfg, on_event, around)
+            if self._working:
+                job._state.status = "queued"
+                self.queue.append(job)
+                return job
+            self._working = True
             self.current = job
-        run = lambda: self._run(job, around)  # noqa: E731
         if background:
-            job.thread = threading.Thread(target=run, name=f"dreambooth-{cfg.name}", daemon=True)
+            job.thread = threading.Thread(target=self._work, args=(job,), name=f"dreambooth-{cfg.name}", daemon=True)
             job.thread.start()
         else:
-            run()
+            self._work(job)
         return job
+
+    def _check_name(self, name: str) -> None:
+        if self._working and self.current is not None and self.current.cfg.name == name:
+            raise NameTaken(f"'{name}' is training now; wait for it or interrupt it first.")
+        if any(job.cfg.name == name for job in self.queue):
+            raise NameTaken(f"'{name}' is already waiting in the queue; remove it from the queue first "
+                            "or choose another name.")
 
     def _precheck(self, cfg) -> None:
         check = self._precheck_fn
@@ -140,6 +164,40 @@ class JobRunner:
             from dreambooth_ext.train.precheck import precheck as check
         if check is not None:
             check(cfg)
+
+    def _work(self, job: Job) -> None:
+        """Run `job`, then each waiting job in turn, in this thread."""
+        while job is not None:
+            job.thread = threading.current_thread()
+            if job.snapshot().status == "queued":  # its turn: it starts now
+                job._update("turn", status="starting", started=time.time())
+            self._run(job, job.around)
+            with self._lock:  # taken under the lock: a start meanwhile queues rather than jumping ahead
+                job = self.queue.pop(0) if self.queue else None
+                if job is None:
+                    self._working = False
+                else:
+                    self.current = job
+
+    def waiting(self) -> List[JobState]:
+        """The queued jobs' states, first to run first."""
+        with self._lock:
+            return [job.snapshot() for job in self.queue]
+
+    def remove(self, name: str) -> bool:
+        """Take a waiting job out of the queue; False when no job of that name waits."""
+        with self._lock:
+            for job in self.queue:
+                if job.cfg.name == name:
+                    self.queue.remove(job)
+                    job._update("removed", status="removed", finished=time.time())
+                    return True
+        return False
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._working
 
     def _run(self, job: Job, around):
         train_fn = self._train_fn
@@ -159,6 +217,7 @@ class JobRunner:
             job._update("end", status="failed", error=message, finished=time.time())
 
     def cancel(self) -> bool:
+        """Stop the running job after its step (its state is saved); the next waiting job then starts."""
         job = self.current
         if job is None or job.done:
             return False
@@ -216,7 +275,7 @@ def status_text(s: JobState) -> str:
     parts = [s.status]
     if s.stage and s.status in ("starting", "running", "cancelled"):
         parts.append(readable_stage(s.stage))
-    if s.total and s.status != "starting":
+    if s.total and s.status not in ("starting", "queued", "removed"):
         parts.append(f"step {s.step}/{s.total}")
     if s.loss is not None:
         parts.append(f"loss {s.loss:.4f}")

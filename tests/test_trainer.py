@@ -245,8 +245,10 @@ def test_job_runner_one_at_a_time_and_out_of_memory_message(tmp_path):
     runner = JobRunner(slow_train)
     job = runner.start(TrainConfig(name="one", max_steps=5))
     with pytest.raises(UserError) as e:
-        runner.start(TrainConfig(name="two", max_steps=5))
+        runner.start(TrainConfig(name="one", max_steps=5))
     assert "'one' is training now" in str(e.value)
+    assert runner.start(TrainConfig(name="two", max_steps=5)).snapshot().status == "queued"
+    runner.remove("two")
     gate.set()
     job.thread.join(5)
     state = job.snapshot()

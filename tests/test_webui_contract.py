@@ -349,23 +349,38 @@ def test_train_runs_exclusively_reports_progress_and_lists_the_model(webui, monk
     assert (cfg.checkpoint, cfg.models_dir) == (str(base), str(webui.models))
 
 
-def test_second_train_is_refused_and_cancel_stops_the_first(webui, monkeypatch):
-    release = threading.Event()
+def test_a_second_train_waits_in_the_queue_and_can_be_removed(webui, monkeypatch):
+    release, ran = threading.Event(), []
 
     def slow_train(cfg, job):
+        ran.append(cfg.name)
         job.start(0, cfg.max_steps)
-        while not job.should_stop():
-            release.wait(0.01)
-        return SimpleNamespace(status="cancelled", step=0)
+        while not job.should_stop() and cfg.name == "dog_api":
+            release.wait(30)
+        return SimpleNamespace(status="cancelled" if job.should_stop() else "finished", step=0)
 
-    _fake_runner(monkeypatch, slow_train)
+    runner = _fake_runner(monkeypatch, slow_train)
     c = client(started_app(webui, api=True))
     assert c.post("/dreambooth/v1/train", json=_config(webui)).status_code == 200
     _wait(c, ("running",))
     second = c.post("/dreambooth/v1/train", json=_config(webui, name="other"))
-    assert second.status_code == 409 and "is training now" in second.json()["detail"]
+    third = c.post("/dreambooth/v1/train", json=_config(webui, name="third"))
+    assert (second.status_code, second.json()["status"], second.json()["queue_position"]) == (200, "queued", 1)
+    assert third.json()["queue_position"] == 2
+    same = c.post("/dreambooth/v1/train", json=_config(webui, name="other"))
+    assert same.status_code == 409 and "already waiting in the queue" in same.json()["detail"]
+    queue = c.get("/dreambooth/v1/queue").json()
+    assert queue["running"]["name"] == "dog_api" and [q["name"] for q in queue["queued"]] == ["other", "third"]
+    assert c.request("DELETE", "/dreambooth/v1/queue/other").json() == {"removed": "other"}
+    gone = c.request("DELETE", "/dreambooth/v1/queue/other")
+    assert gone.status_code == 404 and "No job named 'other'" in gone.json()["detail"]
+    running = c.request("DELETE", "/dreambooth/v1/queue/dog_api")
+    assert running.status_code == 409 and "/cancel" in running.json()["detail"]
     assert c.post("/dreambooth/v1/cancel").json() == {"cancelled": True}
-    assert _wait(c)["status"] == "cancelled"
+    first = runner.current
+    first.thread.join(30)  # the worker ran "third" after the cancelled first job, in the same thread
+    assert ran == ["dog_api", "third"] and runner.current.snapshot().status == "finished"
+    assert c.get("/dreambooth/v1/queue").json() == {"running": None, "queued": []}
 
 
 def test_a_checkpoint_the_webui_lists_is_allowed_wherever_it_lies(webui, monkeypatch, tmp_path):

@@ -50,6 +50,7 @@ class View:
     error: str = ""
     finished: bool = False  # ended with a checkpoint to offer as the active one
     written: str = ""  # names the checkpoints an ended job wrote; a change makes the page refresh its own list
+    queue: List[str] = field(default_factory=list)  # names of the jobs waiting their turn, first first
 
 
 class Handlers:
@@ -169,18 +170,43 @@ class Handlers:
             validate(load_config(cfg))  # a copy: hard errors now; warnings come through the job
             saved = _saved_progress(cfg)
             on_event, around = host_hooks(self.host, cfg.name, cfg.max_steps)
-            self.runner.start(cfg, on_event=on_event, around=around)
+            job = self.runner.start(cfg, on_event=on_event, around=around)
         except UserError as e:
             return Reply(str(e), ok=False)
         except Exception as e:  # noqa: BLE001 - a bug: one sentence here, the traceback in the console
             traceback.print_exc()
             return Reply(f"Training could not start: {type(e).__name__}: {_first_line(e)}", ok=False)
+        if getattr(job, "snapshot", None) and job.snapshot().status == "queued":
+            return Reply(self._queued_text(cfg))
         return Reply(_start_text(cfg, saved, resume))
+
+    def _queued_text(self, cfg: TrainConfig) -> str:
+        names = [s.name for s in self.runner.waiting()]
+        position = names.index(cfg.name) + 1 if cfg.name in names else len(names)
+        running = self.runner.current.cfg.name if self.runner.current is not None else "the running job"
+        before = f"'{running}' and the jobs before it have" if position > 1 else f"'{running}' has"
+        return f"'{cfg.name}' waits in the queue (number {position}); it starts when {before} ended."
 
     def interrupt(self) -> Reply:
         if self.runner.cancel():
-            return Reply("Stopping after this step; the state is saved. Press Resume to go on.")
+            after = " The next job in the queue starts then." if self.runner.waiting() else ""
+            return Reply(f"Stopping after this step; the state is saved. Press Resume to go on.{after}")
         return Reply("Nothing is training.", ok=False)
+
+    def remove_queued(self, name: str) -> Reply:
+        """Take a waiting job out of the queue before it starts."""
+        name = (name or "").strip()
+        if not name:
+            return Reply("Pick a waiting job to remove from the queue.", ok=False)
+        if self.runner.remove(name):
+            return Reply(f"Removed '{name}' from the queue; nothing of it had started.")
+        current = self.runner.current
+        if current is not None and not current.done and current.cfg.name == name:
+            return Reply(f"'{name}' is running, not waiting; press Interrupt to stop it.", ok=False)
+        return Reply(f"No job named '{name}' waits in the queue.", ok=False)
+
+    def queued_names(self) -> List[str]:
+        return [s.name for s in self.runner.waiting()]
 
     # --- reading the job
     def poll(self) -> View:
@@ -188,15 +214,18 @@ class Handlers:
         if job is None:
             return View(key="idle", running=False, status="Idle: fill in a concept and press Train.")
         s = job.snapshot()
-        running = s.status in ("starting", "running")
-        key = f"{id(job)}:{s.status}:{len(s.losses)}:{len(s.samples)}:{len(s.outputs)}:{len(s.warnings)}"
+        queue = self.queued_names()
+        running = s.status in ("starting", "running") or bool(queue)  # the page polls on while jobs wait
+        key = (f"{id(job)}:{s.status}:{len(s.losses)}:{len(s.samples)}:{len(s.outputs)}:{len(s.warnings)}:"
+               + "/".join(queue))
         samples = [(p, _sample_caption(p)) for p in reversed(s.samples[-GALLERY_ITEMS:])]
         checkpoints = self._checkpoints(s)
         finished = s.status == "finished" and bool(checkpoints)
-        written = f"{id(job)}:{len(checkpoints)}" if checkpoints and not running else ""
+        ended = s.status not in ("starting", "running")
+        written = f"{id(job)}:{len(checkpoints)}" if checkpoints and ended else ""
         return View(key=key, running=running, status=status_text(s), losses=s.losses, samples=samples,
                     outputs=[p for p in s.outputs if not p.endswith(".yaml")], warnings=s.warnings,
-                    error=s.error, finished=finished, written=written)
+                    error=s.error, finished=finished, written=written, queue=queue)
 
     def _checkpoints(self, s: JobState) -> List[str]:
         return [p for p in s.outputs if p.endswith(CHECKPOINT_SUFFIXES) and not _inside(p, self.host.lora_dir())]
@@ -263,6 +292,9 @@ def view_html(view: View) -> str:
         parts.append(f'<div class="dreambooth-error">{html.escape(view.error)}</div>')
     for w in view.warnings[-5:]:
         parts.append(f'<div class="dreambooth-warning">{html.escape(w)}</div>')
+    if view.queue:
+        items = "".join(f"<li>{html.escape(name)}</li>" for name in view.queue)
+        parts.append(f'<div class="dreambooth-queue">Waiting in the queue:<ol>{items}</ol></div>')
     return "".join(parts)
 
 

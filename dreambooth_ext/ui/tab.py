@@ -1,5 +1,7 @@
 """The DreamBooth tab: gradio Blocks wired to `Handlers`; the same code in the WebUI and on the standalone page.
 
+The page's state comes from the job runner on the server: javascript/dreambooth.js polls once as the page
+opens, so a reloaded page or a second browser window shows the running job and the queue again.
 Polling: javascript/dreambooth.js clicks the hidden `dreambooth_poll` button every second
 while the status line says a job runs (the WebUI's own convention; it works the same under
 gradio 3 and 4 and inside the WebUI, where a nested Blocks cannot own a timer).
@@ -114,6 +116,12 @@ class Tab:
         self.memory = gr.HTML(self._memory(*self.form.to_values(self.start)), elem_id=PREFIX + "memory")
         self.message = gr.HTML("", elem_id=PREFIX + "message")
         self.status = gr.HTML(view_html(self.h.poll()), elem_id=PREFIX + "status")
+        with gr.Row(elem_id=PREFIX + "queue_row"):  # jobs started while another runs wait here
+            self.queued = not_a_default(gr.Dropdown(
+                choices=self.h.queued_names(), value=None, label="Waiting job", scale=4,
+                info="Train while a job runs puts the new job in the queue; it can be removed before it starts.",
+                elem_id=PREFIX + "queued"))
+            self.remove = gr.Button("Remove from queue", elem_id=PREFIX + "remove_queued", scale=1)
         # clicked by javascript/dreambooth.js; style.css hides it (a gradio 4 invisible button has no element)
         self.poll = gr.Button("poll", elem_id=PREFIX + "poll", elem_classes=["dreambooth-hidden"])
 
@@ -148,7 +156,8 @@ class Tab:
     # --- events
     def _wire(self):
         form_in = self.form.inputs
-        polled = [self.status, self.plot, self.gallery, self.outputs, self.activate, self.checkpoint, self.seen]
+        polled = [self.status, self.plot, self.gallery, self.outputs, self.activate, self.checkpoint, self.queued,
+                  self.seen]
         compat.listen(self.refresh.click, self._refresh, [self.checkpoint], [self.checkpoint])
         compat.listen(self.save.click, self._save, form_in + [self.extras, self.config_path],
                       [self.message, self.config_path])
@@ -160,6 +169,7 @@ class Tab:
         compat.listen(self.train.click, self._train, form_in + [self.extras, self.seen], [self.message] + polled)
         compat.listen(self.resume.click, self._resume, form_in + [self.extras, self.seen], [self.message] + polled)
         compat.listen(self.interrupt.click, self._interrupt, [self.seen, self.checkpoint], [self.message] + polled)
+        compat.listen(self.remove.click, self._remove, [self.queued, self.seen, self.checkpoint], [self.message] + polled)
         compat.listen(self.poll.click, self._page_poll, [self.seen, self.checkpoint], polled, quiet=True)
         compat.listen(self.activate.click, self._activate, [self.checkpoint],
                       [self.message, self.checkpoint, self.activated]).then(
@@ -207,6 +217,9 @@ class Tab:
     def _interrupt(self, seen, current):
         return [reply_html(self.h.interrupt())] + self._poll(seen, current)
 
+    def _remove(self, name, seen, current):
+        return [reply_html(self.h.remove_queued(name))] + self._poll(seen, current)
+
     def _activate(self, current):
         reply = self.h.activate()
         return reply_html(reply), self._choices(self.h.checkpoint_titles(), self.h.current_title(current)), \
@@ -220,10 +233,11 @@ class Tab:
         view = self.h.poll()
         status = view_html(view)
         if view.key == seen:
-            return [status] + [compat.unchanged() for _ in range(5)] + [seen]
+            return [status] + [compat.unchanged() for _ in range(6)] + [seen]
+        waiting = compat.update(choices=view.queue, value=view.queue[0] if view.queue else None)
         return [status, loss_plot(view.losses), compat.gallery_value(view.samples),
                 outputs_html(view.outputs, self.host.lora_dir()), compat.update(visible=view.finished),
-                self._checkpoint_update(view, current, first), view.key]
+                self._checkpoint_update(view, current, first), waiting, view.key]
 
     def _checkpoint_update(self, view: View, current, first: bool = False):
         """The source list as the page opens (the host's active checkpoint may have changed since the
