@@ -208,6 +208,7 @@ def start_job(body: Any, host, roots: List[Path], runner) -> dict:
         raise HTTPException(status_code=422, detail=str(e)) from None
     try:
         cfg, warnings = prepare_config(body, host, roots)
+        jobs.check_host(cfg, host)
         on_event, around = jobs.host_hooks(host, cfg.name, cfg.max_steps)
         job = runner.start(cfg, on_event=on_event, around=around)
     except UserError as e:  # a bad setting, a check before any work (400), or a job of that name (409)

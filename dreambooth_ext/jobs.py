@@ -22,6 +22,7 @@ class JobState:
     name: str
     status: str = "starting"  # queued | starting | running | finished | cancelled | failed
     stage: str = ""
+    stage_progress: Optional[Tuple[int, int]] = None  # (done, total) of a counted stage (class images)
     step: int = 0
     total: int = 0
     loss: Optional[float] = None
@@ -43,6 +44,7 @@ class Job(Reporter):
                  around: Optional[Callable] = None):
         self.cfg = cfg
         self.around = around  # wraps the run when its turn comes (the host's GPU lock and progress bar)
+        self.host_made_class_images = False  # the host's own generator ran (class_image_generator = webui)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._state = JobState(name=cfg.name, total=cfg.max_steps)
@@ -73,7 +75,8 @@ class Job(Reporter):
             self._on_event(event, self)
 
     def stage(self, text, done=None, total=None):
-        self._update("stage", stage=text if total is None else f"{text} {done}/{total}")
+        self._update("stage", stage=text if total is None else f"{text} {done}/{total}",
+                     stage_progress=None if total is None else (int(done or 0), int(total)))
 
     def start(self, first_step, total, history=()):
         self._since = None
@@ -205,7 +208,7 @@ class JobRunner:
             from dreambooth_ext.train.run import train as train_fn
         try:
             call = (lambda: train_fn(job.cfg, job))  # noqa: E731
-            result = around(call) if around else call()
+            result = around(call, job) if around else call()
             # a finished run's last stage ("saving the model ...") is over; a stopped one says how to resume
             cleared = {"stage": ""} if result.status == "finished" else {}
             job._update("end", status=result.status, step=result.step, finished=time.time(), **cleared)
@@ -233,12 +236,26 @@ def _explain(e: Exception) -> str:
     return f"Training failed: {type(e).__name__}: {text}"
 
 
-def host_hooks(host, title: str, total: int) -> Tuple[Callable, Callable]:
-    """(on_event, around) that tie a job to its host: the GPU lock, the host's progress bar and its
-    Interrupt button, and a refreshed checkpoint list when files were written. The tab and the API share them."""
-    wrote = threading.Event()
+NOT_IN_WEBUI = ("Setting 'class_image_generator' is 'webui', which works only inside the WebUI (it uses the WebUI's "
+                "own txt2img); set it to 'builtin' here.")
 
-    def around(fn):
+
+def check_host(cfg, host) -> None:
+    """Refuse, before the job starts or waits, what its host cannot do (the tab and the API call this)."""
+    if getattr(cfg, "class_image_generator", "builtin") == "webui":
+        reason = host.cannot_make_class_images(cfg) if host is not None else NOT_IN_WEBUI
+        if reason:
+            raise UserError(reason)
+
+
+def host_hooks(host, title: str, total: int) -> Tuple[Callable, Callable]:
+    """(on_event, around) that tie a job to its host: the GPU lock, the host's progress bar, live preview,
+    Interrupt and Skip buttons, class images from the host's own txt2img, and a refreshed checkpoint list
+    when files were written. The tab and the API share them."""
+    wrote = threading.Event()
+    skip_noted = threading.Event()
+
+    def around(fn, job: Optional["Job"] = None):
         def with_progress():
             host.progress_begin(title, total)
             try:
@@ -248,18 +265,40 @@ def host_hooks(host, title: str, total: int) -> Tuple[Callable, Callable]:
                 if wrote.is_set():  # still holding the queue lock: a waiting generation never sees the list empty
                     _refresh(host)
 
+        if job is not None and getattr(job.cfg, "class_image_generator", "builtin") == "webui":
+            def before():  # inside the queue lock, while the WebUI's own model is still where it was
+                job.host_made_class_images = True
+                host.make_class_images(job.cfg, job)
+
+            return host.run_exclusive(with_progress, before=before)
         return host.run_exclusive(with_progress)
 
     def on_event(event: str, job: "Job") -> None:
         if event in ("progress", "stage"):
             s = job.snapshot()
-            host.progress_update(s.step, s.total, status_text(s))
+            if event == "stage" and s.stage_progress:  # e.g. class images 3/10 on the WebUI's bar
+                host.progress_update(s.stage_progress[0], s.stage_progress[1], status_text(s))
+            else:
+                host.progress_update(s.step, s.total, status_text(s))
             if host.interrupted():  # the WebUI's own Interrupt button
                 job.cancel()
+            elif host.skipped():  # the WebUI's Skip: only the WebUI's class images have a part to skip
+                host.clear_skip()
+                if not skip_noted.is_set():
+                    skip_noted.set()
+                    job.warn(SKIP_IGNORED)
+        elif event == "sample":
+            s = job.snapshot()
+            if s.samples:
+                host.preview(s.samples[-1])  # the WebUI's live preview shows the newest sample
         elif event == "output":
             wrote.set()
 
     return on_event, around
+
+
+SKIP_IGNORED = ("Skip skips only the rest of the class images the WebUI's txt2img makes; the training goes on "
+                "(press Interrupt to stop it with its state saved).")
 
 
 def _refresh(host) -> None:

@@ -34,7 +34,7 @@ class FakeHost(Host):
         self.root = root
         self.calls = []
         self.active = None
-        self.on_progress = None  # called with the step from progress_update, in the training thread
+        self.on_progress = None  # called with the training step from progress_update, in the training thread
 
     def models_dir(self):
         return self.root
@@ -58,7 +58,7 @@ class FakeHost(Host):
 
     def progress_update(self, step, total, text):
         self.calls.append(("update", step, total, text))
-        if self.on_progress:
+        if self.on_progress and f"step {step}/" in text:  # not a counted stage before training (class images)
             self.on_progress(step)
 
     def progress_end(self):
@@ -87,6 +87,7 @@ def odd_config() -> TrainConfig:
     return TrainConfig(
         checkpoint="/m/base.safetensors", name="odd", workspace_dir="/w", family="sd2", concepts=concepts,
         class_image_steps=11, class_image_guidance=5.5, class_image_batch_size=2, class_image_negative_prompt="blurry",
+        class_image_generator="webui",
         train_mode="lora", resolution=768, max_steps=1234, train_batch_size=2, gradient_accumulation_steps=3,
         seed=99, prior_loss_weight=0.5, min_snr_gamma=5.0, offset_noise=0.05, bucketing=False, bucket_step=32,
         bucket_upscale=True, center_crop=False, hflip=True, use_ema=True, ema_decay=0.999,
@@ -247,7 +248,7 @@ def test_train_interrupt_resume_through_the_handlers(host):
     assert interrupts[0].ok and "Resume" in interrupts[0].text
     assert ("exclusive",) in host.calls and ("begin", "tabtest", 8) in host.calls
     assert ("end",) in host.calls
-    steps = [c[1] for c in host.calls if c[0] == "update"]
+    steps = [c[1] for c in host.calls if c[0] == "update" and f"step {c[1]}/" in c[3]]
     assert steps and steps == sorted(steps) and max(steps) == 3
 
     host.on_progress = None

@@ -226,8 +226,8 @@ def test_no_routes_without_api_flag(webui):
 def test_routes_with_api_flag_and_no_auth(webui, monkeypatch):
     _fake_runner(monkeypatch, None)
     app = started_app(webui, api=True)
-    assert dreambooth_routes(app) == ["/dreambooth/v1/cancel", "/dreambooth/v1/models", "/dreambooth/v1/status",
-                                      "/dreambooth/v1/train"]
+    assert dreambooth_routes(app) == ["/dreambooth/v1/cancel", "/dreambooth/v1/models", "/dreambooth/v1/queue",
+                                      "/dreambooth/v1/queue/{name}", "/dreambooth/v1/status", "/dreambooth/v1/train"]
     c = client(app)
     assert c.get("/dreambooth/v1/status").json() == {"status": "idle"}
     assert c.get("/dreambooth/v1/models").json() == {"models": []}
@@ -237,9 +237,11 @@ def test_api_auth_guards_every_route(webui, monkeypatch):
     _fake_runner(monkeypatch, None)
     c = client(started_app(webui, api=True, api_auth="alice:s3cret,bob:pw"))
     for method, path in [("get", "/dreambooth/v1/status"), ("get", "/dreambooth/v1/models"),
-                         ("post", "/dreambooth/v1/cancel"), ("post", "/dreambooth/v1/train")]:
-        assert getattr(c, method)(path).status_code == 401, path
-        assert getattr(c, method)(path, auth=("alice", "wrong")).status_code == 401, path
+                         ("post", "/dreambooth/v1/cancel"), ("post", "/dreambooth/v1/train"),
+                         ("get", "/dreambooth/v1/queue"), ("delete", "/dreambooth/v1/queue/x")]:
+        call = (lambda p, **kw: c.request("DELETE", p, **kw)) if method == "delete" else getattr(c, method)
+        assert call(path).status_code == 401, path
+        assert call(path, auth=("alice", "wrong")).status_code == 401, path
     assert c.get("/dreambooth/v1/status", auth=("alice", "s3cret")).status_code == 200
     assert c.get("/dreambooth/v1/models", auth=("bob", "pw")).status_code == 200
     assert c.post("/dreambooth/v1/cancel", auth=("bob", "pw")).json() == {"cancelled": False}
@@ -541,7 +543,7 @@ def test_forge_variant_does_not_crash(forge):
     h.progress_begin("dog", 5)
     h.progress_end()
     app = started_app(forge, api=True)
-    assert len(dreambooth_routes(app)) == 4
+    assert len(dreambooth_routes(app)) == 6
     if _tab_module_exists():
         forge.callbacks.ui_tabs_callback()
         assert forge.callbacks.reported == []

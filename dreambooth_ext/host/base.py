@@ -75,6 +75,29 @@ class Host:
         """The host's own Interrupt button was pressed."""
         return False
 
-    def run_exclusive(self, fn: Callable[[], T]) -> T:
-        """Run training holding the host's GPU lock, with its own model moved off the GPU meanwhile."""
+    def skipped(self) -> bool:
+        """The host's own Skip button was pressed (and not yet cleared)."""
+        return False
+
+    def clear_skip(self) -> None:
+        pass
+
+    def preview(self, image_path: str) -> None:
+        """Show an image (the newest sample) as the host's live preview."""
+
+    def cannot_make_class_images(self, cfg) -> Optional[str]:
+        """Why class_image_generator = webui cannot work here (one sentence), or None when it can."""
+        from dreambooth_ext.jobs import NOT_IN_WEBUI
+
+        return NOT_IN_WEBUI
+
+    def make_class_images(self, cfg, job) -> int:
+        """Write the class images `cfg` lacks with the host's own txt2img; how many were made."""
+        raise NotImplementedError
+
+    def run_exclusive(self, fn: Callable[[], T], before: Optional[Callable[[], None]] = None) -> T:
+        """Run training holding the host's GPU lock, with its own model moved off the GPU meanwhile;
+        `before` runs first inside the lock, while the host's model is still in place."""
+        if before is not None:
+            before()
         return fn()

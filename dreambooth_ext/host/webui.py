@@ -275,6 +275,51 @@ class WebUIHost(Host):
     def interrupted(self) -> bool:
         return bool(getattr(_m("shared").state, "interrupted", False))
 
+    def skipped(self) -> bool:
+        # shared_state.py: State.skip() (the top bar's Skip, /sdapi/v1/skip) sets `skipped`; begin() clears it
+        return bool(getattr(_m("shared").state, "skipped", False))
+
+    def clear_skip(self) -> None:
+        _m("shared").state.skipped = False  # processing.py clears it the same way before its next image
+
+    def preview(self, image_path: str) -> None:
+        """shared_state.py: assign_current_image() sets current_image and bumps id_live_preview, which the
+        progress API (modules/progress.py) sends as the live preview; its do_set_current_image() leaves the
+        image alone while current_latent is None, as it is during training."""
+        try:
+            from PIL import Image
+
+            with Image.open(image_path) as opened:
+                image = opened.convert("RGB")
+        except OSError:  # a sample removed meanwhile: no preview, no error
+            return
+        state = _m("shared").state
+        assign = getattr(state, "assign_current_image", None)
+        if assign is not None:
+            assign(image)
+        else:  # older or other hosts: the same two fields by hand
+            state.current_image = image
+            state.id_live_preview = getattr(state, "id_live_preview", 0) + 1
+
+    # --- class images from the WebUI's own txt2img
+
+    def cannot_make_class_images(self, cfg) -> Optional[str]:
+        if self.flavour == SDNEXT:
+            # SD.Next's modules/processing.py builds a diffusers pipeline from its own model loader; the
+            # A1111 processing object this path drives is not what it runs.
+            return ("Setting 'class_image_generator' is 'webui', which this extension does not support on "
+                    "SD.Next (its txt2img runs through its own diffusers pipeline); set it to 'builtin'.")
+        if self._info_for(cfg.checkpoint) is None and not _needs_no_class_images(cfg):
+            return (f"Setting 'class_image_generator' is 'webui', but the WebUI does not list the base "
+                    f"{Path(cfg.checkpoint).name} as a checkpoint; pick the base from the WebUI's checkpoint "
+                    "list or set 'class_image_generator' to 'builtin'.")
+        return None
+
+    def make_class_images(self, cfg, job) -> int:
+        from dreambooth_ext.host.webui_class_images import make_class_images
+
+        return make_class_images(self, cfg, job)
+
     # --- the GPU
 
     def _queue_lock(self):
@@ -286,8 +331,10 @@ class WebUIHost(Host):
             _say("the WebUI has no queue lock; training may run beside image generation")
             return _nolock()
 
-    def run_exclusive(self, fn: Callable[[], T]) -> T:
+    def run_exclusive(self, fn: Callable[[], T], before: Optional[Callable[[], None]] = None) -> T:
         with self._queue_lock():
+            if before is not None:  # the WebUI's own txt2img (class images) needs its model where it is
+                before()
             moved = self._offload() if self.option("dreambooth_unload_model") else None
             try:
                 return fn()
@@ -323,6 +370,12 @@ class WebUIHost(Host):
                 sd_models.send_model_to_device(model)
         except Exception as e:
             _say(f"could not move the WebUI's checkpoint back to the GPU ({e}); reload it in Settings > Actions.")
+
+
+def _needs_no_class_images(cfg) -> bool:
+    from dreambooth_ext.train.class_images import class_jobs_from_config
+
+    return not class_jobs_from_config(cfg)
 
 
 @contextmanager

@@ -240,3 +240,20 @@ def ensure_class_images(bundle: ModelBundle, jobs: List[ClassJob], *, steps: int
         for module, mode in zip(modules, was_training):
             module.train(mode)
     return made
+
+
+# --- for a host's own generator (the WebUI's txt2img): the same names, counting and writing as above
+
+
+def missing_class_images(job: ClassJob) -> List[int]:
+    """The indices of `job`'s class images still to make (the lowest free ones, as ensure_class_images picks)."""
+    return _missing_indices(Path(job.folder), job)
+
+
+def prepare_class_folder(folder) -> None:
+    _prepare_folder(Path(folder))
+
+
+def save_class_image(image, folder, prompt: str, index: int) -> Path:
+    """Write one class image (PNG) and its caption under the name ensure_class_images gives it."""
+    return _save(image, Path(folder), prompt, index)

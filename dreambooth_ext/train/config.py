@@ -109,6 +109,10 @@ class TrainConfig:
     class_image_batch_size: int = setting(4, "Class images generated at once; lower it if generation runs out of memory.",
                                           "class images", min=1, max=64)
     class_image_negative_prompt: str = setting("", "Negative prompt for generated class images.", "class images")
+    class_image_generator: str = setting(
+        "builtin", "builtin: class images from the extension's own diffusers sampler; webui: from the WebUI's own "
+        "txt2img (its sampler, VAE and settings, with the base checkpoint), only inside the WebUI.", "class images",
+        choices=("builtin", "webui"))
 
     # training
     train_mode: str = setting("full", "full: train the whole UNet (a new checkpoint); lora: train small LoRA "

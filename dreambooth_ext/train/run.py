@@ -48,6 +48,10 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     reporter = reporter or Reporter()
     for w in precheck(cfg):
         reporter.warn(w)
+    if cfg.class_image_generator == "webui" and not getattr(reporter, "host_made_class_images", False):
+        from dreambooth_ext.jobs import NOT_IN_WEBUI  # the CLI, or a caller without the WebUI's job hooks
+
+        raise UserError(NOT_IN_WEBUI)
     with hold_workspace(cfg, reporter):
         try:
             return _train(cfg, reporter)
@@ -236,7 +240,7 @@ def _class_images(cfg, bundle, acc, reporter, placement):
     from dreambooth_ext.train.class_images import class_jobs_from_config, ensure_class_images
 
     jobs = class_jobs_from_config(cfg)
-    if not jobs:
+    if not jobs or cfg.class_image_generator == "webui":  # the WebUI's txt2img made them before the run
         return
     with _main_first(acc):
         if acc.is_main_process:

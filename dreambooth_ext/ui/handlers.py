@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.host.base import Host
 from dreambooth_ext.host.folders import apply_host_folders, check_paths, settings_file
-from dreambooth_ext.jobs import RUNNER, JobRunner, JobState, host_hooks, status_text
+from dreambooth_ext.jobs import RUNNER, JobRunner, JobState, check_host, host_hooks, status_text
 from dreambooth_ext.train.config import TrainConfig, load_config, save_config, to_dict
 from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.recommend import recommended
@@ -168,6 +168,7 @@ class Handlers:
             if self.host.non_local():  # anyone who can open the page may press Train: the API's folder rule
                 check_paths(to_dict(cfg), self.host.allowed_roots(), [p for _t, p in self.host.list_checkpoints()])
             validate(load_config(cfg))  # a copy: hard errors now; warnings come through the job
+            check_host(cfg, self.host)  # e.g. the WebUI's txt2img for class images, only inside the WebUI
             saved = _saved_progress(cfg)
             on_event, around = host_hooks(self.host, cfg.name, cfg.max_steps)
             job = self.runner.start(cfg, on_event=on_event, around=around)

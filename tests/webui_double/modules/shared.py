@@ -90,23 +90,56 @@ class Options:
             json.dump(self.data, file, indent=4)
 
 
-# modules/shared_options.py: options_templates (only sd_model_checkpoint)
-opts = Options({"sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint")})
+# modules/shared_options.py: options_templates (only those the extension or the double reads)
+opts = Options({
+    "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
+    "live_previews_enable": OptionInfo(True, "Show live previews of the created image"),
+    "live_previews_image_format": OptionInfo("png", "Live preview file format"),
+    "show_progress_every_n_steps": OptionInfo(10, "Live preview display period"),
+})
 
 
 class State:
-    """modules/shared_state.py: State (the fields the progress bar reads, begin/end/interrupt)."""
+    """modules/shared_state.py: State (the fields the progress bar and live preview read, begin/end,
+    interrupt/skip as /sdapi/v1/interrupt and /sdapi/v1/skip call them, nextjob, assign_current_image)."""
 
     skipped = interrupted = stopping_generation = False
     job, job_no, job_count, job_timestamp = "", 0, 0, "0"
     sampling_step = sampling_steps = 0
+    current_latent = current_image = None
+    current_image_sampling_step = id_live_preview = 0
     textinfo = None
     time_start = None
 
     def begin(self, job: str = "(unknown)"):  # shared_state.py: State.begin(job="(unknown)")
         self.sampling_step, self.time_start, self.job_count, self.job_no = 0, time.time(), -1, 0
+        self.current_latent = self.current_image = None
+        self.current_image_sampling_step = self.id_live_preview = 0
         self.skipped = self.interrupted = self.stopping_generation = False
         self.textinfo, self.job = None, job
+
+    def skip(self):  # shared_state.py: State.skip(), what /sdapi/v1/skip and the Skip button call
+        self.skipped = True
+
+    def nextjob(self):  # shared_state.py: State.nextjob() (live preview refresh left out)
+        self.job_no += 1
+        self.sampling_step = 0
+        self.current_image_sampling_step = 0
+
+    def set_current_image(self):  # shared_state.py: set_current_image() -> do_set_current_image()
+        if self.sampling_step - self.current_image_sampling_step >= opts.show_progress_every_n_steps and \
+                opts.live_previews_enable and opts.show_progress_every_n_steps != -1:
+            self.do_set_current_image()
+
+    def do_set_current_image(self):  # shared_state.py: nothing to decode without a latent
+        if self.current_latent is None:
+            return
+
+    def assign_current_image(self, image):  # shared_state.py: State.assign_current_image(image)
+        if opts.live_previews_image_format == 'jpeg' and image.mode == 'RGBA':
+            image = image.convert('RGB')
+        self.current_image = image
+        self.id_live_preview += 1
 
     def end(self):  # shared_state.py: State.end(); reads time_start, which only begin() sets
         time.time() - self.time_start  # A1111 logs the duration: TypeError when begin() never ran
