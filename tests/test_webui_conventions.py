@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from dreambooth_ext.errors import UserError
-from tests.test_webui_contract import (_config, _fake_runner, _wait, add_checkpoint, client, host,  # noqa: F401
-                                       started_app, webui)
+from tests.test_webui_contract import (_config, _fake_runner, _wait, add_checkpoint, client, forge,  # noqa: F401
+                                       host, started_app, webui)
 
 CLASS = "a photo of a dog"
 
@@ -203,3 +203,24 @@ def test_the_cli_refuses_the_webui_generator_before_any_work(tiny_checkpoints, t
         train(cfg, ConsoleReporter())
     assert str(e.value) == NOT_IN_WEBUI
     assert not cfg.workspace_path().exists()
+
+
+def test_forge_selects_the_base_for_the_class_images_and_the_previous_one_after(forge, monkeypatch):
+    from modules import processing
+    from modules_forge import main_entry
+
+    sd = forge.sd_models
+    add_checkpoint(forge.models / "Stable-diffusion", "base.safetensors")
+    add_checkpoint(forge.models / "Stable-diffusion", "other.safetensors")
+    sd.list_models()
+    main_entry.checkpoint_change("other.safetensors")
+    monkeypatch.setattr(main_entry, "changes", [])
+    monkeypatch.setattr(processing, "calls", [])
+    _fake_runner(monkeypatch, lambda cfg, job: SimpleNamespace(status="finished", step=0))
+    c = client(started_app(forge, api=True))
+    assert c.post("/dreambooth/v1/train", json=_webui_class_config(forge, count=2)).status_code == 200
+    assert _wait(c)["status"] == "finished"
+    # Forge's process_images restores the option without reloading: the extension selects both itself
+    assert main_entry.changes == ["base.safetensors", "other.safetensors"]
+    assert len(processing.calls) == 2 and processing.calls[0]["kwargs"]["override_settings"] == {}
+    assert forge.shared.opts.sd_model_checkpoint == "other.safetensors"
