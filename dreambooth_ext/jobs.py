@@ -246,6 +246,9 @@ def check_host(cfg, host) -> None:
         reason = host.cannot_make_class_images(cfg) if host is not None else NOT_IN_WEBUI
         if reason:
             raise UserError(reason)
+    reason = host.refusal(cfg) if host is not None else None
+    if reason:
+        raise UserError(reason)
 
 
 def host_hooks(host, title: str, total: int) -> Tuple[Callable, Callable]:

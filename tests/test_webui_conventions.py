@@ -224,3 +224,16 @@ def test_forge_selects_the_base_for_the_class_images_and_the_previous_one_after(
     assert main_entry.changes == ["base.safetensors", "other.safetensors"]
     assert len(processing.calls) == 2 and processing.calls[0]["kwargs"]["override_settings"] == {}
     assert forge.shared.opts.sd_model_checkpoint == "other.safetensors"
+
+
+def test_sdnext_refuses_a_ckpt_result_with_its_diffusers_backend(webui, monkeypatch):
+    from dreambooth_ext.jobs import check_host
+    from dreambooth_ext.train.config import load_config
+
+    _two_checkpoints(webui)
+    ckpt = load_config(_config(webui, save_format="ckpt"))
+    check_host(ckpt, host())  # A1111 lists .ckpt files
+    monkeypatch.setattr(webui.shared, "native", True, raising=False)  # SD.Next modules/shared.py: diffusers backend
+    with pytest.raises(UserError, match="set it to 'safetensors'"):
+        check_host(ckpt, host("sdnext"))
+    check_host(load_config(_config(webui)), host("sdnext"))

@@ -85,6 +85,10 @@ class Host:
     def preview(self, image_path: str) -> None:
         """Show an image (the newest sample) as the host's live preview."""
 
+    def refusal(self, cfg) -> Optional[str]:
+        """One sentence when this host cannot use what `cfg` would make, else None."""
+        return None
+
     def cannot_make_class_images(self, cfg) -> Optional[str]:
         """Why class_image_generator = webui cannot work here (one sentence), or None when it can."""
         from dreambooth_ext.jobs import NOT_IN_WEBUI

@@ -303,6 +303,16 @@ class WebUIHost(Host):
 
     # --- class images from the WebUI's own txt2img
 
+    def refusal(self, cfg) -> Optional[str]:
+        # SD.Next modules/sd_checkpoint.py list_models(): with its diffusers backend (shared.native) or the
+        # sd_disable_ckpt setting it lists only .safetensors, so a .ckpt result would never show up.
+        if self.flavour == SDNEXT and getattr(cfg, "save_format", "safetensors") == "ckpt":
+            shared = _m("shared")
+            if getattr(shared, "native", False) or self.option("sd_disable_ckpt", False):
+                return ("Setting 'save_format' is 'ckpt', which SD.Next does not list with its diffusers backend "
+                        "(.safetensors only); set it to 'safetensors'.")
+        return None
+
     def cannot_make_class_images(self, cfg) -> Optional[str]:
         if self.flavour == SDNEXT:
             # SD.Next's modules/processing.py builds a diffusers pipeline from its own model loader; the

@@ -82,12 +82,12 @@ def _base_selected(host, title: str):
         return
     main_entry = importlib.import_module("modules_forge.main_entry")
     previous = importlib.import_module("modules.shared").opts.data.get("sd_model_checkpoint")
-    main_entry.checkpoint_change(title)  # positional: its keywords changed between Forge versions
+    main_entry.checkpoint_change(title, save=False)  # not written to its settings file: a switch for this stage
     try:
         yield {}
     finally:
         if previous and previous != title:
-            main_entry.checkpoint_change(previous)
+            main_entry.checkpoint_change(previous, save=False)
 
 
 def _arguments(cls, cfg, prompt: str, seed: int, base: dict) -> dict:
