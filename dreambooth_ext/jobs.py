@@ -136,7 +136,7 @@ class JobRunner:
 
     def start(self, cfg, on_event=None, background: bool = True, around: Optional[Callable] = None) -> Job:
         """Start training `cfg`, or queue it behind the running job (its status is then 'queued').
-        `around(fn)` wraps the run (the WebUI's GPU lock, model offloading)."""
+        `around(fn, job)` wraps the run when its turn comes (the WebUI's GPU lock, model offloading)."""
         with self._lock:
             self._check_name(cfg.name)
             self._precheck(cfg)
