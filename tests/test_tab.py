@@ -94,12 +94,14 @@ def odd_config() -> TrainConfig:
         adam_epsilon=1e-7, weight_decay=0.0, max_grad_norm=0.5, lr_scheduler="cosine", lr_warmup_steps=10,
         lr_num_cycles=2, lr_power=2.0, lora_rank=8, lora_alpha=4.0, lora_targets="attention_ff",
         init_lora="/l/start.safetensors", text_encoder_mode="lora", text_encoder_lr=2e-6,
-        text_encoder_lora_lr=1e-5, text_encoder_stop_step=100, mixed_precision="bf16", attention="sdpa",
+        text_encoder_lora_lr=1e-5, text_encoder_stop_step=100, max_prompt_tokens=150, clip_skip=2,
+        mixed_precision="bf16", attention="sdpa",
         gradient_checkpointing=True, cache_latents=False, cache_text_embeddings=False, dataloader_workers=2,
         sample_every=50, sample_prompts=["a sks0 dog on a beach", "a sks1 dog, oil painting"],
         sample_negative_prompt="ugly", sample_seeds=[1, 2, 3], num_sample_images=3, sample_steps=12,
         sample_guidance=6.0, save_model_every=500, save_state_every=250, save_format="ckpt", save_dtype="bf16",
-        save_lora_merged=True)
+        save_lora_merged=True, shuffle_tags=True, keep_tokens=2, caption_dropout=0.1, save_model_on_interrupt=True,
+        keep_last_models=3)
 
 
 def test_odd_config_changes_every_setting():

@@ -160,10 +160,10 @@ def _pipeline(bundle: ModelBundle):
 
 
 def _generate(pipe, prompt: str, seeds: List[int], *, steps: int, guidance: float, negative_prompt: str,
-              resolution: int, autocast: Optional[AutocastFactory]) -> list:
+              resolution: int, autocast: Optional[AutocastFactory], text=None) -> list:
     generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU: the same noise on every device
     negative = [negative_prompt] * len(seeds) if negative_prompt else None
-    return generate_images(pipe, autocast, prompt=[prompt] * len(seeds), negative_prompt=negative,
+    return generate_images(pipe, autocast, text, prompt=[prompt] * len(seeds), negative_prompt=negative,
                            num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
                            generator=generators)
 
@@ -196,10 +196,11 @@ def _batches(plan, batch_size: int):
 def ensure_class_images(bundle: ModelBundle, jobs: List[ClassJob], *, steps: int, guidance: float, batch_size: int,
                         negative_prompt: str, resolution: int, seed: int, progress: Optional[Progress] = None,
                         should_stop: Optional[Callable[[], bool]] = None,
-                        autocast: Optional[AutocastFactory] = None) -> Dict[str, int]:
+                        autocast: Optional[AutocastFactory] = None, text=None) -> Dict[str, int]:
     """Generate the class images each job's folder lacks; return how many were made per folder.
 
     `autocast`: the run's mixed precision (half-precision maths, as diffusers generates class images in).
+    `text`: conditioning.TextOptions, so long class prompts and clip skip read as in training.
 
     Stops between batches when `should_stop()` turns true; what was written is complete and kept.
     """
@@ -228,7 +229,7 @@ def ensure_class_images(bundle: ModelBundle, jobs: List[ClassJob], *, steps: int
                     break
                 images = _generate(pipe, job.prompt, [image_seed(seed, job.prompt, i) for i in block],
                                    steps=steps, guidance=guidance, negative_prompt=negative_prompt,
-                                   resolution=resolution, autocast=autocast)
+                                   resolution=resolution, autocast=autocast, text=text)
                 for index, image in zip(block, images):
                     if index in wanted:
                         _save(image, folder, job.prompt, index)

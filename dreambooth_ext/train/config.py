@@ -132,6 +132,14 @@ class TrainConfig:
                                    "training", min=0, max=100)
     offset_noise: float = setting(0.0, "Offset noise strength (0.05-0.1 helps very dark or bright images); 0 = off.",
                                   "training", min=0, max=1)
+    shuffle_tags: bool = setting(
+        False, "Shuffle the comma-separated tags of each instance caption at every step (kohya's "
+        "--shuffle_caption); the first keep_tokens tags stay in place.", "training")
+    keep_tokens: int = setting(1, "Leading tags of a caption that shuffle_tags keeps in place (the instance "
+                               "token usually comes first).", "training", min=0, max=255)
+    caption_dropout: float = setting(
+        0.0, "Share of instance images trained with an empty caption (kohya's --caption_dropout_rate; 0.05-0.1 "
+        "keeps the model usable without the token); 0 = off.", "training", min=0, max=1)
     bucketing: bool = setting(True, "Group images by aspect ratio instead of cropping every image square.", "training")
     bucket_step: int = setting(64, "Bucket sizes are multiples of this many pixels.", "training",
                                min=8, max=256, multiple_of=8)
@@ -186,6 +194,15 @@ class TrainConfig:
     text_encoder_stop_step: int = setting(0, "Step after which the text encoder stops training (0 = never stops); "
                                           "it overfits sooner than the UNet.", "text encoder", min=0, max=1_000_000)
 
+    max_prompt_tokens: int = setting(
+        75, "Longest prompt or caption read, in tokens: 150 or 225 read longer captions in chunks of 75, the way "
+        "the WebUI reads long prompts in txt2img (training, samples and class images alike); longer ones are cut "
+        "with a warning.", "text encoder", min=75, max=225, multiple_of=75)
+    clip_skip: int = setting(
+        1, "The WebUI's 'Clip skip' (stop at last layers): 1 = the last layer, 2 = the penultimate, as many "
+        "anime SD1 models expect. SD1 only: SD2 and SDXL have their own fixed layer. In the WebUI the tab starts "
+        "from its live setting.", "text encoder", min=1, max=12)
+
     # memory & speed
     mixed_precision: str = setting("auto", "auto: bf16 where the GPU supports it, else fp16 with loss scaling; "
                                    "fp32 on a CPU.", "memory & speed", choices=("auto", "no", "fp16", "bf16"))
@@ -224,6 +241,13 @@ class TrainConfig:
                               "the same).", "saving", choices=("fp16", "bf16", "fp32"))
     save_lora_merged: bool = setting(False, "With LoRA training, also write a full checkpoint with the LoRA "
                                      "merged in.", "saving")
+    save_model_on_interrupt: bool = setting(
+        False, "When the run is interrupted, write the model as it is then (NAME_<step>), as well as the "
+        "resumable state.", "saving")
+    keep_last_models: int = setting(
+        0, "Keep only the newest this many saved models of the run (each save's LoRA, checkpoint and yaml); "
+        "older ones the run wrote are deleted, files it did not write never are (0 = keep all).", "saving",
+        min=0, max=10000)
 
     @property
     def unet_learning_rate(self) -> float:

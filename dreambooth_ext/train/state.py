@@ -20,7 +20,8 @@ from dreambooth_ext.errors import UserError
 RESUMABLE_CHANGES = {
     "max_steps", "sample_every", "sample_prompts", "sample_negative_prompt", "sample_seeds", "num_sample_images",
     "sample_steps", "sample_guidance", "save_model_every", "save_state_every", "save_format", "save_dtype",
-    "save_lora_merged", "dataloader_workers", "models_dir", "checkpoint_dir", "lora_dir",
+    "save_lora_merged", "keep_last_models",
+    "save_model_on_interrupt", "dataloader_workers", "models_dir", "checkpoint_dir", "lora_dir",
     # memory and speed only: the same steps compute the same result
     "gradient_checkpointing", "attention", "cache_text_embeddings",
 }

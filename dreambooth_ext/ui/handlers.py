@@ -94,6 +94,8 @@ class Handlers:
     def initial_form(self) -> Dict[str, Any]:
         form = default_form()
         form["checkpoint"] = self.checkpoint_title(self.host.active_checkpoint() or "")
+        if self.host.clip_skip():  # the WebUI's own Clip skip, so training reads prompts as txt2img will
+            form["clip_skip"] = self.host.clip_skip()
         return form
 
     # --- form <-> config
