@@ -21,6 +21,7 @@ def test_keep_last_models_deletes_only_the_runs_own_older_saves(tiny_checkpoints
     assert user_file.read_bytes() == b"mine"
     loras = sorted(p.name for p in lora.iterdir() if p.suffix == ".safetensors")
     assert loras == ["tiny_1.safetensors", "tiny_6.safetensors", "tiny_8.safetensors"]
+    assert sorted(p.name for p in lora.iterdir() if p.suffix == ".json") == ["tiny_6.json", "tiny_8.json"]  # cards
     ckpts = sorted(p.name for p in ckpt.iterdir())
     assert [n for n in ckpts if n.endswith(".safetensors")] == ["tiny_6.safetensors", "tiny_8.safetensors"]
     assert sorted(os.path.basename(p) for p in result.outputs if p.endswith(".safetensors")) == \

@@ -56,6 +56,14 @@ def training_metadata(cfg, step: int, bundle) -> Dict[str, str]:
     }
 
 
+def lora_file_metadata(cfg, step: int, bundle, path: Path) -> Dict[str, str]:
+    """The LoRA's own keys, the model spec and kohya's ss_* training keys, which the WebUI's cards read."""
+    from dreambooth_ext.train.model_metadata import kohya_lora, modelspec
+
+    return {**training_metadata(cfg, step, bundle), **modelspec(cfg, bundle.family, step, lora=True),
+            **kohya_lora(cfg, bundle.family, step, Path(path).stem)}
+
+
 def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
     """A single file in the WebUI's layout: the base folder's untrained parts plus the trained modules."""
     from dreambooth_ext.bridge import diffusers_to_single_file
@@ -65,8 +73,11 @@ def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
         for i, te in enumerate(trainables.text_encoders):
             name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
             replace[name] = plain_state_dict(te, bundle.folder, name)
+    from dreambooth_ext.train.model_metadata import modelspec
+
+    metadata = {**training_metadata(cfg, step, bundle), **modelspec(cfg, bundle.family, step, lora=False)}
     report = diffusers_to_single_file(bundle.folder, path, dtype=cfg.save_dtype, keep_ema=False,
-                                      metadata=training_metadata(cfg, step, bundle), replace=replace,
+                                      metadata=metadata, replace=replace,
                                       progress=lambda _m: None)
     return Path(report.path)
 
@@ -74,6 +85,7 @@ def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
 def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
     """Everything a save writes: the LoRA and/or the checkpoint, named NAME_<step>."""
     from dreambooth_ext.train.lora_export import export_webui_lora
+    from dreambooth_ext.train.model_metadata import write_card
     from dreambooth_ext.train.owned_files import guard, record_written
 
     written = []
@@ -82,10 +94,14 @@ def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
         guard(cfg, path)
         tes = trainables.text_encoders if trainables.te_mode == "lora" else []
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
-        export_webui_lora(trainables.unet, tes, path, bundle.family, training_metadata(cfg, step, bundle), dtype=dtype)
+        export_webui_lora(trainables.unet, tes, path, bundle.family, lora_file_metadata(cfg, step, bundle, path),
+                          dtype=dtype)
         record_written(cfg, path)
         reporter.output(str(path), "lora")
         written.append(path)
+        card = write_card(cfg, bundle.family, path)  # the WebUI card's activation text: the instance tokens
+        if card is not None:
+            record_written(cfg, card)
     # a fully trained text encoder does not fit in a LoRA file: it needs the checkpoint too
     if not trainables.unet_lora or cfg.save_lora_merged or trainables.te_mode == "full":
         suffix = ".ckpt" if cfg.save_format == "ckpt" else ".safetensors"
