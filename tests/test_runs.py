@@ -44,3 +44,32 @@ def test_an_interrupted_run_writes_its_model_when_asked(tiny_checkpoints, tmp_pa
                          num_class_images=0, class_prompt="")
     assert train(other, RecordingReporter(stop_at_step=2)).outputs == []
     assert not other.lora_path().exists() or not any(other.lora_path().iterdir())
+
+
+def test_epochs_set_the_step_count_and_the_tab_shows_both(tiny_checkpoints, tmp_path):
+    from dreambooth_ext.train.epochs import epoch_note, steps_per_epoch
+
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), train_mode="lora", max_epochs=2, train_batch_size=2,
+                       num_class_images=0, class_prompt="")
+    assert steps_per_epoch(cfg) == (6, 3)  # six demo images, two a step
+    assert "one epoch = 3 steps; 2 epochs = 6 steps" in epoch_note(cfg)
+    cfg.max_epochs = 0
+    cfg.max_steps = 9
+    assert "9 steps = 3.0 epochs" in epoch_note(cfg)
+    cfg.max_epochs = 2
+    result = train(cfg)
+    assert result.status == "finished" and result.step == 6
+    assert [os.path.basename(p) for p in result.outputs] == ["tiny_6.safetensors"]
+
+
+def test_the_tab_line_counts_steps_per_epoch(tmp_path):
+    from dreambooth_ext.jobs import JobRunner
+    from dreambooth_ext.ui.handlers import Handlers
+    from tests.test_tab import DEMO, FakeHost
+
+    h = Handlers(FakeHost(tmp_path), JobRunner())
+    form = h.initial_form()
+    assert h.epoch_note(form) == ""  # no images yet: no line
+    form.update({"name": "e", "concept1.instance_dir": str(DEMO), "concept1.instance_prompt": "a sks_x toy",
+                 "max_steps": 12, "train_batch_size": 3})
+    assert h.epoch_note(form) == "6 instance images, batch 3: one epoch = 2 steps; 12 steps = 6.0 epochs."

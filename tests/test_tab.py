@@ -101,7 +101,7 @@ def odd_config() -> TrainConfig:
         sample_negative_prompt="ugly", sample_seeds=[1, 2, 3], num_sample_images=3, sample_steps=12,
         sample_guidance=6.0, save_model_every=500, save_state_every=250, save_format="ckpt", save_dtype="bf16",
         save_lora_merged=True, shuffle_tags=True, keep_tokens=2, caption_dropout=0.1, save_model_on_interrupt=True,
-        keep_last_models=3)
+        keep_last_models=3, max_epochs=4)
 
 
 def test_odd_config_changes_every_setting():

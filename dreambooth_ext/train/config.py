@@ -118,6 +118,9 @@ class TrainConfig:
                               "training", min=64, max=4096, multiple_of=8)
     max_steps: int = setting(800, "Optimizer steps to train; about 100-200 per instance image is typical.",
                              "training", min=1, max=1_000_000)
+    max_epochs: int = setting(
+        0, "Train this many epochs instead of max_steps (one epoch = every instance image once; the tab shows "
+        "the steps per epoch); 0 = use max_steps.", "training", min=0, max=100_000)
     train_batch_size: int = setting(1, "Images per step (instance and class images are each this many).",
                                     "training", min=1, max=64)
     gradient_accumulation_steps: int = setting(

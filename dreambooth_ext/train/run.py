@@ -47,6 +47,11 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     from dreambooth_ext.train.workspace import hold_workspace
 
     reporter = reporter or Reporter()
+    if cfg.max_epochs > 0:
+        from dreambooth_ext.train.epochs import resolve_max_steps
+
+        cfg = resolve_max_steps(cfg)
+        reporter.stage(f"{cfg.max_epochs} epochs = {cfg.max_steps} steps")
     for w in precheck(cfg):
         reporter.warn(w)
     with hold_workspace(cfg, reporter):

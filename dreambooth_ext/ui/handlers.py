@@ -22,6 +22,7 @@ from dreambooth_ext.train.config import TrainConfig, load_config, save_config, t
 from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.recommend import recommended
 from dreambooth_ext.train.state import read_progress
+from dreambooth_ext.train.epochs import epoch_note, resolve_max_steps
 from dreambooth_ext.ui.form import config_to_form, default_form, form_to_dict
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -169,6 +170,7 @@ class Handlers:
             if self.host.non_local():  # anyone who can open the page may press Train: the API's folder rule
                 check_paths(to_dict(cfg), self.host.allowed_roots(), [p for _t, p in self.host.list_checkpoints()])
             validate(load_config(cfg))  # a copy: hard errors now; warnings come through the job
+            cfg = resolve_max_steps(cfg)  # max_epochs: the step count the run will have
             saved = _saved_progress(cfg)
             on_event, around = host_hooks(self.host, cfg.name, cfg.max_steps)
             self.runner.start(cfg, on_event=on_event, around=around)
@@ -178,6 +180,13 @@ class Handlers:
             traceback.print_exc()
             return Reply(f"Training could not start: {type(e).__name__}: {_first_line(e)}", ok=False)
         return Reply(_start_text(cfg, saved, resume))
+
+    def epoch_note(self, form: Dict[str, Any]) -> str:
+        """Steps per epoch for the form's images and batch, or nothing while the form cannot tell."""
+        try:
+            return epoch_note(self.config(form))
+        except Exception:  # noqa: BLE001 - a half-filled form: no line, never a broken tab
+            return ""
 
     def interrupt(self) -> Reply:
         if self.runner.cancel():
