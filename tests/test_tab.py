@@ -83,7 +83,9 @@ def odd_config() -> TrainConfig:
     """A config whose every setting differs from its default, with more concepts than boxes."""
     concepts = [Concept(instance_dir=f"/data/c{i}", instance_prompt=f"a photo of sks{i} dog",
                         caption_mode="filewords", instance_token=f"sks{i}", class_prompt="a photo of a dog",
-                        class_dir=f"/data/class{i}", num_class_images=7 + i) for i in range(F.CONCEPT_BOXES + 2)]
+                        class_dir=f"/data/class{i}", num_class_images=7 + i, class_steps=5 + i, class_guidance=3.5,
+                        class_negative_prompt="bad", concept_sample_prompts=[f"sks{i} at sea", "x"])
+                for i in range(F.CONCEPT_BOXES + 2)]
     return TrainConfig(
         checkpoint="/m/base.safetensors", name="odd", workspace_dir="/w", family="sd2", concepts=concepts,
         class_image_steps=11, class_image_guidance=5.5, class_image_batch_size=2, class_image_negative_prompt="blurry",

@@ -74,6 +74,14 @@ class Concept:
     num_class_images: int = setting(
         100, "Class images used for prior preservation (diffusers' default is 100; 0 = none).",
         "class images", min=0, max=10000)
+    class_steps: int = setting(0, "Sampling steps for this concept's class images (0 = the run's class image "
+                               "steps).", "class images", min=0, max=200)
+    class_guidance: float = setting(0.0, "CFG scale for this concept's class images (0 = the run's class image "
+                                    "guidance).", "class images", min=0, max=30)
+    class_negative_prompt: str = setting("", "Negative prompt for this concept's class images (empty = the run's "
+                                         "class image negative prompt).", "class images")
+    concept_sample_prompts: List[str] = setting(
+        [], "Sample prompts of this concept, sampled after its instance prompt along with the run's own.", "samples")
 
 
 @dataclass

@@ -30,8 +30,12 @@ OnImage = Callable[[Path, str, int], None]
 
 
 def sample_prompts(cfg) -> List[str]:
-    """Each concept's instance prompt ([filewords] removed), then the user's prompts; no repeats, order kept."""
-    prompts = [build_prompt(c.instance_prompt, None, "filewords") for c in cfg.concepts]
+    """Each concept's instance prompt ([filewords] removed) and its own sample prompts, then the run's prompts;
+    no repeats, order kept."""
+    prompts = []
+    for c in cfg.concepts:
+        prompts.append(build_prompt(c.instance_prompt, None, "filewords"))
+        prompts += [p.strip() for p in c.concept_sample_prompts]
     prompts += [p.strip() for p in cfg.sample_prompts]
     return list(dict.fromkeys(p for p in prompts if p))
 

@@ -25,6 +25,7 @@ RESUMABLE_CHANGES = {
     # memory and speed only: the same steps compute the same result
     "gradient_checkpointing", "attention", "cache_text_embeddings",
 }
+CONCEPT_RESUMABLE_CHANGES = {"concept_sample_prompts"}
 
 
 @dataclass
@@ -42,7 +43,9 @@ def resumable_config(cfg) -> Dict:
     """The settings a resumed run must share with the saved one."""
     from dreambooth_ext.train.config import to_dict
 
-    return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
+    data = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
+    data["concepts"] = [{k: v for k, v in c.items() if k not in CONCEPT_RESUMABLE_CHANGES} for c in data["concepts"]]
+    return data
 
 
 def readable_state_dir(workspace: Path) -> Optional[Path]:
