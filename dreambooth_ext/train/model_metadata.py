@@ -44,10 +44,11 @@ def modelspec(cfg, family: str, step: int, lora: bool, now: Optional[datetime.da
         "modelspec.title": f"{cfg.name} (step {step})",
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
         "modelspec.date": now.replace(microsecond=0).isoformat(),
-        "modelspec.prediction_type": "v" if family == "sd2-v" else "epsilon",
         "modelspec.description": f"DreamBooth {'LoRA' if lora else 'checkpoint'} trained on "
                                  f"{Path(cfg.checkpoint).name} for {step} steps.",
     }
+    if lora:  # a checkpoint has the bridge's own prediction_type key (diffusers' words)
+        meta["modelspec.prediction_type"] = "v" if family == "sd2-v" else "epsilon"
     words = trigger_words(cfg)
     if words:
         meta["modelspec.trigger_phrase"] = ", ".join(words)
