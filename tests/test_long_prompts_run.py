@@ -32,8 +32,12 @@ def _record(monkeypatch):
     return seen, bundles
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_long_captions_train_sample_and_make_class_images(family, tiny_checkpoints, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,emulate", [("sd1", ""), ("sdxl", ""), ("sd1", "bf16")])
+def test_long_captions_train_sample_and_make_class_images(family, emulate, tiny_checkpoints, tmp_path, monkeypatch):
+    from dreambooth_ext.train.placement import EMULATE_ENV
+
+    if emulate:  # the GPU's layout: half-precision text encoder, fp32 adapters, autocast
+        monkeypatch.setenv(EMULATE_ENV, emulate)
     seen, _ = _record(monkeypatch)
     cfg = small_config(tmp_path, tiny_checkpoints(family), instance_dir=_long_captions(tmp_path), max_steps=1,
                        train_batch_size=2, max_prompt_tokens=150, sample_every=1, num_sample_images=1,
