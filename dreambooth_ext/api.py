@@ -87,7 +87,8 @@ def prepare_config(body: dict, host, roots: List[Path]):
         body["checkpoint"] = host.checkpoint_file(checkpoint) or checkpoint
     check_paths(body, roots, [path for _title, path in host.list_checkpoints()])
     cfg = load_config(body)
-    return cfg, validate(cfg)
+    warnings = validate(cfg)
+    return resolve_max_steps(cfg), warnings  # max_epochs: the step count the run will have
 
 
 async def read_json(request: Request) -> Any:

@@ -83,7 +83,9 @@ def odd_config() -> TrainConfig:
     """A config whose every setting differs from its default, with more concepts than boxes."""
     concepts = [Concept(instance_dir=f"/data/c{i}", instance_prompt=f"a photo of sks{i} dog",
                         caption_mode="filewords", instance_token=f"sks{i}", class_prompt="a photo of a dog",
-                        class_dir=f"/data/class{i}", num_class_images=7 + i) for i in range(F.CONCEPT_BOXES + 2)]
+                        class_dir=f"/data/class{i}", num_class_images=7 + i, class_steps=5 + i, class_guidance=3.5,
+                        class_negative_prompt="bad", concept_sample_prompts=[f"sks{i} at sea", "x"])
+                for i in range(F.CONCEPT_BOXES + 2)]
     return TrainConfig(
         checkpoint="/m/base.safetensors", name="odd", workspace_dir="/w", family="sd2", concepts=concepts,
         class_image_steps=11, class_image_guidance=5.5, class_image_batch_size=2, class_image_negative_prompt="blurry",
@@ -95,12 +97,14 @@ def odd_config() -> TrainConfig:
         adam_epsilon=1e-7, weight_decay=0.0, max_grad_norm=0.5, lr_scheduler="cosine", lr_warmup_steps=10,
         lr_num_cycles=2, lr_power=2.0, lora_rank=8, lora_alpha=4.0, lora_targets="attention_ff",
         init_lora="/l/start.safetensors", text_encoder_mode="lora", text_encoder_lr=2e-6,
-        text_encoder_lora_lr=1e-5, text_encoder_stop_step=100, mixed_precision="bf16", attention="sdpa",
+        text_encoder_lora_lr=1e-5, text_encoder_stop_step=100, max_prompt_tokens=150, clip_skip=2,
+        mixed_precision="bf16", attention="sdpa",
         gradient_checkpointing=True, cache_latents=False, cache_text_embeddings=False, dataloader_workers=2,
         sample_every=50, sample_prompts=["a sks0 dog on a beach", "a sks1 dog, oil painting"],
         sample_negative_prompt="ugly", sample_seeds=[1, 2, 3], num_sample_images=3, sample_steps=12,
         sample_guidance=6.0, save_model_every=500, save_state_every=250, save_format="ckpt", save_dtype="bf16",
-        save_lora_merged=True)
+        save_lora_merged=True, shuffle_tags=True, keep_tokens=2, caption_dropout=0.1, save_model_on_interrupt=True,
+        keep_last_models=3, max_epochs=4)
 
 
 def test_odd_config_changes_every_setting():

@@ -47,6 +47,10 @@ class Host:
                 return str(path)
         return None
 
+    def clip_skip(self) -> Optional[int]:
+        """The host's live 'Clip skip' (stop at last layers), the tab's starting clip_skip; None: no such setting."""
+        return None
+
     def active_checkpoint(self) -> Optional[str]:
         """Path of the checkpoint the host has loaded, if any."""
         return None

@@ -92,6 +92,13 @@ class WebUIHost(Host):
         except AttributeError:
             return fallback
 
+    def clip_skip(self) -> Optional[int]:
+        value = self.option("CLIP_stop_at_last_layers", 0)  # A1111 and Forge; SD.Next has none: 0
+        try:
+            return int(value) or None
+        except (TypeError, ValueError):
+            return None
+
     def models_dir(self) -> Path:
         # modules/paths_internal.py: models_path honours --models-dir and --data-dir (same name in SD.Next)
         return Path(_m("paths").models_path)

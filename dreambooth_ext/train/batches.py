@@ -4,33 +4,46 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from dreambooth_ext.train.conditioning import encode_prompts, sdxl_time_ids
+from dreambooth_ext.train.caption_variation import caption_for_step, varies
+from dreambooth_ext.train.conditioning import TextOptions, encode_prompts, pad_chunks, sdxl_time_ids
 from dreambooth_ext.train.dataset import ExampleSet, LatentSource, choose_view, derived_seed
 from dreambooth_ext.train.loss import diffusion_loss
 
 
 class PromptCache:
-    """Embeddings of prompts encoded once while the text encoder is frozen; encoded live otherwise."""
+    """Embeddings of prompts encoded once while the text encoder is frozen; encoded live otherwise.
 
-    def __init__(self, bundle, text_encoders, enabled: bool):
+    A prompt not encoded beforehand (a caption whose tags were shuffled this step) is encoded live.
+    Prompts of different chunk counts in one batch are padded with the empty prompt's chunk.
+    """
+
+    def __init__(self, bundle, text_encoders, enabled: bool, options: Optional[TextOptions] = None):
         self.bundle, self.text_encoders, self.enabled = bundle, text_encoders, enabled
+        self.options = options or TextOptions()
         self._store: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+    def _encode(self, prompts):
+        return encode_prompts(self.text_encoders, self.bundle.tokenizers, list(prompts), self.bundle.is_sdxl,
+                              self.options)
 
     @torch.no_grad()
     def precompute(self, prompts):
-        for p in dict.fromkeys(prompts):
+        for p in dict.fromkeys(list(prompts) + [""]):
             if p not in self._store:
-                emb, pooled = encode_prompts(self.text_encoders, self.bundle.tokenizers, [p], self.bundle.is_sdxl)
+                emb, pooled = self._encode([p])
                 self._store[p] = (emb[0].cpu(), None if pooled is None else pooled[0].cpu())
 
     def get(self, prompts, device, grad: bool):
         if self.enabled:
+            if any(p not in self._store for p in prompts):
+                with torch.no_grad():
+                    return self._encode(prompts)
             pairs = [self._store[p] for p in prompts]
-            emb = torch.stack([e for e, _ in pairs]).to(device)
+            emb = pad_chunks([e for e, _ in pairs], self._store[""][0]).to(device)
             pooled = None if pairs[0][1] is None else torch.stack([q for _, q in pairs]).to(device)
             return emb, pooled
         with torch.set_grad_enabled(grad):
-            return encode_prompts(self.text_encoders, self.bundle.tokenizers, list(prompts), self.bundle.is_sdxl)
+            return self._encode(prompts)
 
 
 class MicroBatch:
@@ -50,7 +63,10 @@ class MicroBatch:
         gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, "latent", tag, micro))
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.bundle.vae_scale
         latents = latents.to(self.device, self.weight_dtype)
-        emb, pooled = self.prompts.get([ex.prompt for ex in chosen], self.device, te_grad)
+        prompts = [ex.prompt for ex in chosen]
+        if tag == "instance" and varies(self.cfg):  # class prompts stay as their images were made
+            prompts = [caption_for_step(p, self.cfg, micro, slot) for slot, p in enumerate(prompts)]
+        emb, pooled = self.prompts.get(prompts, self.device, te_grad)
         added = None
         if self.bundle.is_sdxl:
             ids = [sdxl_time_ids((ex.size[1], ex.size[0]), v.crop_tl, (ex.bucket[1], ex.bucket[0]))

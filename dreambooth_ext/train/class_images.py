@@ -33,11 +33,15 @@ _TMP_PREFIX = ".class_"  # hidden, so list_images never counts a half-written fi
 
 @dataclass
 class ClassJob:
-    """`count` images of `prompt` wanted in `folder`."""
+    """`count` images of `prompt` wanted in `folder`; steps, guidance and negative prompt of its own
+    (a concept's class settings; None: the run's)."""
 
     prompt: str
     folder: Path
     count: int
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    negative_prompt: Optional[str] = None
 
 
 def count_class_images(folder) -> int:
@@ -66,7 +70,8 @@ def class_jobs_from_config(cfg) -> List[ClassJob]:
     """One job per concept that uses prior preservation (a class prompt, images wanted, a loss weight)."""
     if cfg.prior_loss_weight <= 0:
         return []
-    return [ClassJob(c.class_prompt.strip(), cfg.class_path(c), c.num_class_images)
+    return [ClassJob(c.class_prompt.strip(), cfg.class_path(c), c.num_class_images, c.class_steps or None,
+                     c.class_guidance or None, c.class_negative_prompt or None)
             for c in cfg.concepts if c.class_prompt.strip() and c.num_class_images > 0]
 
 
@@ -78,7 +83,8 @@ def merge_jobs(jobs: Iterable[ClassJob]) -> List[ClassJob]:
         if key in merged:
             merged[key].count = max(merged[key].count, job.count)
         else:
-            merged[key] = ClassJob(job.prompt, Path(job.folder), job.count)
+            merged[key] = ClassJob(job.prompt, Path(job.folder), job.count, job.steps, job.guidance,
+                                   job.negative_prompt)
     return list(merged.values())
 
 
@@ -160,10 +166,10 @@ def _pipeline(bundle: ModelBundle):
 
 
 def _generate(pipe, prompt: str, seeds: List[int], *, steps: int, guidance: float, negative_prompt: str,
-              resolution: int, autocast: Optional[AutocastFactory]) -> list:
+              resolution: int, autocast: Optional[AutocastFactory], text=None) -> list:
     generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU: the same noise on every device
     negative = [negative_prompt] * len(seeds) if negative_prompt else None
-    return generate_images(pipe, autocast, prompt=[prompt] * len(seeds), negative_prompt=negative,
+    return generate_images(pipe, autocast, text, prompt=[prompt] * len(seeds), negative_prompt=negative,
                            num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
                            generator=generators)
 
@@ -196,10 +202,11 @@ def _batches(plan, batch_size: int):
 def ensure_class_images(bundle: ModelBundle, jobs: List[ClassJob], *, steps: int, guidance: float, batch_size: int,
                         negative_prompt: str, resolution: int, seed: int, progress: Optional[Progress] = None,
                         should_stop: Optional[Callable[[], bool]] = None,
-                        autocast: Optional[AutocastFactory] = None) -> Dict[str, int]:
+                        autocast: Optional[AutocastFactory] = None, text=None) -> Dict[str, int]:
     """Generate the class images each job's folder lacks; return how many were made per folder.
 
     `autocast`: the run's mixed precision (half-precision maths, as diffusers generates class images in).
+    `text`: conditioning.TextOptions, so long class prompts and clip skip read as in training.
 
     Stops between batches when `should_stop()` turns true; what was written is complete and kept.
     """
@@ -227,8 +234,9 @@ def ensure_class_images(bundle: ModelBundle, jobs: List[ClassJob], *, steps: int
                 if should_stop and should_stop():
                     break
                 images = _generate(pipe, job.prompt, [image_seed(seed, job.prompt, i) for i in block],
-                                   steps=steps, guidance=guidance, negative_prompt=negative_prompt,
-                                   resolution=resolution, autocast=autocast)
+                                   steps=job.steps or steps, guidance=job.guidance or guidance,
+                                   negative_prompt=negative_prompt if job.negative_prompt is None else job.negative_prompt,
+                                   resolution=resolution, autocast=autocast, text=text)
                 for index, image in zip(block, images):
                     if index in wanted:
                         _save(image, folder, job.prompt, index)

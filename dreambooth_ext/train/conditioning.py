@@ -1,8 +1,23 @@
-"""Prompts -> the UNet's conditioning, the same way the inference pipelines build it."""
+"""Prompts -> the UNet's conditioning, the way the WebUI builds it in txt2img (see long_prompts)."""
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from dreambooth_ext.train.long_prompts import CHUNK, batch_chunks
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How prompts are read: chunks of 75 tokens (1-3) and the WebUI's clip skip (SD1 only; 1 = last layer)."""
+
+    max_chunks: int = 1
+    clip_skip: int = 1
+
+    @classmethod
+    def from_config(cls, cfg, family: str) -> "TextOptions":
+        return cls(max(1, cfg.max_prompt_tokens // CHUNK), cfg.clip_skip if family == "sd1" else 1)
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -10,23 +25,50 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
+def _sd_hidden(encoder, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    """SD1/SD2 conditioning of one chunk: the last hidden state, or with clip skip N the N-th from the end
+    passed through the encoder's final layer norm, as the WebUI's "stop at last layers" does."""
+    if clip_skip <= 1:
+        return encoder(ids)[0]
+    out = encoder(ids, output_hidden_states=True)
+    return getattr(encoder, "module", encoder).text_model.final_layer_norm(out.hidden_states[-clip_skip])
+
+
 def encode_prompts(text_encoders: List[torch.nn.Module], tokenizers: list, prompts: Sequence[str],
-                   sdxl: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(hidden states [B, 77, D], pooled [B, P] for SDXL else None).
+                   sdxl: bool, options: Optional[TextOptions] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(hidden states [B, 77 * chunks, D], pooled [B, P] for SDXL else None).
 
     SD1/SD2: the encoder's last hidden state (SD2's encoder already stops at the penultimate
     layer). SDXL: both encoders' penultimate hidden states side by side, and the second
-    encoder's projected pooled output, as StableDiffusionXLPipeline does.
+    encoder's projected pooled output of the first chunk, as the WebUI does.
     """
+    options = options or TextOptions()
     device = next(text_encoders[0].parameters()).device
     if not sdxl:
-        return text_encoders[0](tokenize(tokenizers[0], prompts).to(device))[0], None
-    states, pooled = [], None
+        chunks = batch_chunks(tokenizers[0], prompts, options.max_chunks)
+        states = [_sd_hidden(text_encoders[0], torch.tensor(ids, device=device), options.clip_skip) for ids in chunks]
+        return torch.cat(states, dim=1), None
+    per_encoder, pooled = [], None
     for encoder, tokenizer in zip(text_encoders, tokenizers):
-        out = encoder(tokenize(tokenizer, prompts).to(device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]  # the last encoder's projected text embedding
-    return torch.cat(states, dim=-1), pooled
+        states = []
+        for i, ids in enumerate(batch_chunks(tokenizer, prompts, options.max_chunks)):
+            out = encoder(torch.tensor(ids, device=device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            if i == 0:
+                pooled = out[0]  # the last encoder's projected text embedding, first chunk
+        per_encoder.append(torch.cat(states, dim=1))
+    return torch.cat(per_encoder, dim=-1), pooled
+
+
+def pad_chunks(embeddings: List[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """Stack per-prompt embeddings [T_i, D] of different chunk counts, the shorter ones followed by the
+    empty prompt's chunk `empty` [77, D] as the WebUI pads a batch."""
+    longest = max(e.shape[0] for e in embeddings)
+    out = []
+    for e in embeddings:
+        extra = (longest - e.shape[0]) // empty.shape[0]
+        out.append(torch.cat([e] + [empty.to(e.device, e.dtype)] * extra) if extra else e)
+    return torch.stack(out)
 
 
 def sdxl_time_ids(original_hw: Tuple[int, int], crop_tl: Tuple[int, int], target_hw: Tuple[int, int]) -> torch.Tensor:

@@ -74,6 +74,14 @@ class Concept:
     num_class_images: int = setting(
         100, "Class images used for prior preservation (diffusers' default is 100; 0 = none).",
         "class images", min=0, max=10000)
+    class_steps: int = setting(0, "Sampling steps for this concept's class images (0 = the run's class image "
+                               "steps).", "class images", min=0, max=200)
+    class_guidance: float = setting(0.0, "CFG scale for this concept's class images (0 = the run's class image "
+                                    "guidance).", "class images", min=0, max=30)
+    class_negative_prompt: str = setting("", "Negative prompt for this concept's class images (empty = the run's "
+                                         "class image negative prompt).", "class images")
+    concept_sample_prompts: List[str] = setting(
+        [], "Sample prompts of this concept, sampled after its instance prompt along with the run's own.", "samples")
 
 
 @dataclass
@@ -122,6 +130,9 @@ class TrainConfig:
                               "training", min=64, max=4096, multiple_of=8)
     max_steps: int = setting(800, "Optimizer steps to train; about 100-200 per instance image is typical.",
                              "training", min=1, max=1_000_000)
+    max_epochs: int = setting(
+        0, "Train this many epochs instead of max_steps (one epoch = every instance image once; the tab shows "
+        "the steps per epoch); 0 = use max_steps.", "training", min=0, max=100_000)
     train_batch_size: int = setting(1, "Images per step (instance and class images are each this many).",
                                     "training", min=1, max=64)
     gradient_accumulation_steps: int = setting(
@@ -136,6 +147,14 @@ class TrainConfig:
                                    "training", min=0, max=100)
     offset_noise: float = setting(0.0, "Offset noise strength (0.05-0.1 helps very dark or bright images); 0 = off.",
                                   "training", min=0, max=1)
+    shuffle_tags: bool = setting(
+        False, "Shuffle the comma-separated tags of each instance caption at every step (kohya's "
+        "--shuffle_caption); the first keep_tokens tags stay in place.", "training")
+    keep_tokens: int = setting(1, "Leading tags of a caption that shuffle_tags keeps in place (the instance "
+                               "token usually comes first).", "training", min=0, max=255)
+    caption_dropout: float = setting(
+        0.0, "Share of instance images trained with an empty caption (kohya's --caption_dropout_rate; 0.05-0.1 "
+        "keeps the model usable without the token); 0 = off.", "training", min=0, max=1)
     bucketing: bool = setting(True, "Group images by aspect ratio instead of cropping every image square.", "training")
     bucket_step: int = setting(64, "Bucket sizes are multiples of this many pixels.", "training",
                                min=8, max=256, multiple_of=8)
@@ -190,6 +209,15 @@ class TrainConfig:
     text_encoder_stop_step: int = setting(0, "Step after which the text encoder stops training (0 = never stops); "
                                           "it overfits sooner than the UNet.", "text encoder", min=0, max=1_000_000)
 
+    max_prompt_tokens: int = setting(
+        75, "Longest prompt or caption read, in tokens: 150 or 225 read longer captions in chunks of 75, the way "
+        "the WebUI reads long prompts in txt2img (training, samples and class images alike); longer ones are cut "
+        "with a warning.", "text encoder", min=75, max=225, multiple_of=75)
+    clip_skip: int = setting(
+        1, "The WebUI's 'Clip skip' (stop at last layers): 1 = the last layer, 2 = the penultimate, as many "
+        "anime SD1 models expect. SD1 only: SD2 and SDXL have their own fixed layer. In the WebUI the tab starts "
+        "from its live setting.", "text encoder", min=1, max=12)
+
     # memory & speed
     mixed_precision: str = setting("auto", "auto: bf16 where the GPU supports it, else fp16 with loss scaling; "
                                    "fp32 on a CPU.", "memory & speed", choices=("auto", "no", "fp16", "bf16"))
@@ -228,6 +256,13 @@ class TrainConfig:
                               "the same).", "saving", choices=("fp16", "bf16", "fp32"))
     save_lora_merged: bool = setting(False, "With LoRA training, also write a full checkpoint with the LoRA "
                                      "merged in.", "saving")
+    save_model_on_interrupt: bool = setting(
+        False, "When the run is interrupted, write the model as it is then (NAME_<step>), as well as the "
+        "resumable state.", "saving")
+    keep_last_models: int = setting(
+        0, "Keep only the newest this many saved models of the run (each save's LoRA, checkpoint and yaml); "
+        "older ones the run wrote are deleted, files it did not write never are (0 = keep all).", "saving",
+        min=0, max=10000)
 
     @property
     def unet_learning_rate(self) -> float:

@@ -15,13 +15,46 @@ import torch
 AutocastFactory = Callable[[], ContextManager]
 
 
-def generate_images(pipe, autocast: Optional[AutocastFactory] = None, **call) -> List:
-    """PIL images for one pipeline call (any arguments but output_type)."""
+def generate_images(pipe, autocast: Optional[AutocastFactory] = None, text=None, **call) -> List:
+    """PIL images for one pipeline call (any arguments but output_type).
+
+    `text` (conditioning.TextOptions): the prompts are encoded here the WebUI's way (long prompts in
+    chunks, clip skip) and handed to the pipeline as embeddings."""
     autocast = autocast or contextlib.nullcontext
     with torch.no_grad():
         with autocast():
+            if text is not None:
+                call = with_embeddings(pipe, call, text)
             latents = pipe(**call, output_type="latent").images
         return decode_latents(pipe, latents)
+
+
+def with_embeddings(pipe, call: dict, text) -> dict:
+    """The call with prompt and negative_prompt replaced by their embeddings (equal lengths, for CFG).
+
+    An empty negative prompt on SDXL stays empty: the pipeline then uses zeros, as the WebUI does."""
+    from dreambooth_ext.train.conditioning import encode_prompts
+
+    call = dict(call)
+    prompts = call.pop("prompt")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = call.pop("negative_prompt", None) or ""
+    negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
+    zero_negative = sdxl and not any(negatives)
+    texts = prompts if zero_negative else prompts + negatives
+    emb, pooled = encode_prompts(encoders, tokenizers, texts, sdxl, text)
+    n = len(prompts)
+    call["prompt_embeds"] = emb[:n]
+    if not zero_negative:
+        call["negative_prompt_embeds"] = emb[n:]
+    if sdxl:
+        call["pooled_prompt_embeds"] = pooled[:n]
+        if not zero_negative:
+            call["negative_pooled_prompt_embeds"] = pooled[n:]
+    return call
 
 
 @torch.no_grad()

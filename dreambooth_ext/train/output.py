@@ -2,29 +2,42 @@
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from dreambooth_ext.train import lora as lora_lib
 
 
-def merged_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's plain state dict with every LoRA adapter added into its base weight (the model is untouched)."""
+def merged_state_dict(model: torch.nn.Module, base: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """The model's plain state dict with every LoRA adapter added into its base weight (the model is untouched).
+
+    `base`: the component's weights as stored in the base folder. On a GPU the frozen weights in
+    memory are half precision; the merge starts from the stored full-precision ones instead, so
+    every weight no adapter touches is written exactly as the base has it.
+    """
     weights = lora_lib.get_lora_weights(model)
     out = {}
     for key, value in model.state_dict().items():
         if ".lora_" in key:
             continue
-        out[key.replace(".base_layer.", ".")] = value
+        key = key.replace(".base_layer.", ".")
+        out[key] = base[key] if base is not None and key in base else value
     for path, w in weights.items():
         key = f"{path}.weight"
-        out[key] = (out[key].float() + lora_lib.lora_delta(w).reshape(out[key].shape)).to(out[key].dtype)
+        out[key] = out[key].float() + lora_lib.lora_delta(w).float().reshape(out[key].shape)
     return out
 
 
-def plain_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return merged_state_dict(model) if lora_lib.lora_layers(model) else model.state_dict()
+def plain_state_dict(model: torch.nn.Module, folder: Optional[Path] = None, component: str = "") -> Dict[str, torch.Tensor]:
+    if not lora_lib.lora_layers(model):
+        return model.state_dict()
+    base = None
+    if folder is not None:
+        from dreambooth_ext.bridge.diffusers_folder import component_state_dict
+
+        base = component_state_dict(Path(folder), component)
+    return merged_state_dict(model, base)
 
 
 def training_metadata(cfg, step: int, bundle) -> Dict[str, str]:
@@ -43,16 +56,28 @@ def training_metadata(cfg, step: int, bundle) -> Dict[str, str]:
     }
 
 
+def lora_file_metadata(cfg, step: int, bundle, path: Path) -> Dict[str, str]:
+    """The LoRA's own keys, the model spec and kohya's ss_* training keys, which the WebUI's cards read."""
+    from dreambooth_ext.train.model_metadata import kohya_lora, modelspec
+
+    return {**training_metadata(cfg, step, bundle), **modelspec(cfg, bundle.family, step, lora=True),
+            **kohya_lora(cfg, bundle.family, step, Path(path).stem)}
+
+
 def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
     """A single file in the WebUI's layout: the base folder's untrained parts plus the trained modules."""
     from dreambooth_ext.bridge import diffusers_to_single_file
 
-    replace = {"unet": plain_state_dict(trainables.unet)}
+    replace = {"unet": plain_state_dict(trainables.unet, bundle.folder, "unet")}
     if trainables.te_trained:
         for i, te in enumerate(trainables.text_encoders):
-            replace["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = plain_state_dict(te)
+            name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+            replace[name] = plain_state_dict(te, bundle.folder, name)
+    from dreambooth_ext.train.model_metadata import modelspec
+
+    metadata = {**training_metadata(cfg, step, bundle), **modelspec(cfg, bundle.family, step, lora=False)}
     report = diffusers_to_single_file(bundle.folder, path, dtype=cfg.save_dtype, keep_ema=False,
-                                      metadata=training_metadata(cfg, step, bundle), replace=replace,
+                                      metadata=metadata, replace=replace,
                                       progress=lambda _m: None)
     return Path(report.path)
 
@@ -60,6 +85,7 @@ def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
 def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
     """Everything a save writes: the LoRA and/or the checkpoint, named NAME_<step>."""
     from dreambooth_ext.train.lora_export import export_webui_lora
+    from dreambooth_ext.train.model_metadata import write_card
     from dreambooth_ext.train.owned_files import guard, record_written
 
     written = []
@@ -68,10 +94,14 @@ def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
         guard(cfg, path)
         tes = trainables.text_encoders if trainables.te_mode == "lora" else []
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
-        export_webui_lora(trainables.unet, tes, path, bundle.family, training_metadata(cfg, step, bundle), dtype=dtype)
+        export_webui_lora(trainables.unet, tes, path, bundle.family, lora_file_metadata(cfg, step, bundle, path),
+                          dtype=dtype)
         record_written(cfg, path)
         reporter.output(str(path), "lora")
         written.append(path)
+        card = write_card(cfg, bundle.family, path)  # the WebUI card's activation text: the instance tokens
+        if card is not None:
+            record_written(cfg, card)
     # a fully trained text encoder does not fit in a LoRA file: it needs the checkpoint too
     if not trainables.unet_lora or cfg.save_lora_merged or trainables.te_mode == "full":
         suffix = ".ckpt" if cfg.save_format == "ckpt" else ".safetensors"

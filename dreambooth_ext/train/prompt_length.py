@@ -1,13 +1,11 @@
-"""Prompts longer than the text encoder's window are cut there: say so once, naming where one came from."""
+"""Prompts longer than the run reads (max_prompt_tokens) are cut there: say so once, naming where one came from."""
 
 from pathlib import Path
 from typing import List, Sequence
 
-WINDOW = 75  # CLIP reads 77 tokens: the start and end markers and 75 of the prompt
+from dreambooth_ext.train.long_prompts import CHUNK, kept_tokens, prompt_token_ids
 
-
-def _tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, truncation=False, add_special_tokens=False).input_ids)
+WINDOW = CHUNK  # CLIP reads 77 tokens: the start and end markers and 75 of the prompt
 
 
 def _origin(example) -> str:
@@ -17,22 +15,32 @@ def _origin(example) -> str:
     return f"the prompt {example.prompt[:60]!r}{'...' if len(example.prompt) > 60 else ''}"
 
 
-def long_prompt_warning(tokenizer, examples: Sequence, extra_prompts: Sequence[str] = ()) -> List[str]:
-    """One warning for every prompt over the window, or none."""
+def long_prompt_warning(tokenizer, examples: Sequence, extra_prompts: Sequence[str] = (),
+                        max_tokens: int = WINDOW) -> List[str]:
+    """One warning for every prompt cut at max_tokens (75, 150 or 225: chunks of 75), or none."""
+    chunks = max(1, max_tokens // CHUNK)
     seen, long = {}, []
+
+    def check(prompt: str, where: str):
+        if prompt in seen:
+            return
+        total = len(prompt_token_ids(tokenizer, prompt))
+        seen[prompt] = total
+        if total > chunks * CHUNK or (chunks > 1 and kept_tokens(tokenizer, prompt, chunks) < total):
+            long.append((where, total))
+
     for ex in examples:
-        if ex.prompt not in seen:
-            seen[ex.prompt] = _tokens(tokenizer, ex.prompt)
-            if seen[ex.prompt] > WINDOW:
-                long.append((_origin(ex), seen[ex.prompt]))
+        check(ex.prompt, _origin(ex))
     for prompt in extra_prompts:
-        if prompt and prompt not in seen:
-            seen[prompt] = _tokens(tokenizer, prompt)
-            if seen[prompt] > WINDOW:
-                long.append((f"the sample prompt {prompt[:60]!r}", seen[prompt]))
+        if prompt:
+            check(prompt, f"the sample prompt {prompt[:60]!r}")
     if not long:
         return []
     where, count = long[0]
     more = f" and {len(long) - 1} more" if len(long) > 1 else ""
-    return [f"{where} has {count} tokens{more}; the text encoder reads only the first {WINDOW}, so the rest is "
-            "ignored: shorten it."]
+    if chunks >= 3:
+        fix = "shorten it"
+    else:
+        fix = f"shorten it, or raise 'max_prompt_tokens' to {(chunks + 1) * CHUNK}"
+    return [f"{where} has {count} tokens{more}; the text encoder reads only the first {chunks * CHUNK} "
+            f"(max_prompt_tokens), so the rest is ignored: {fix}."]

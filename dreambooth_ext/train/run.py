@@ -16,6 +16,7 @@ import torch
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train import state as st
 from dreambooth_ext.train.batches import MicroBatch, PromptCache
+from dreambooth_ext.train.conditioning import TextOptions
 from dreambooth_ext.train.config import TrainConfig
 from dreambooth_ext.train.dataset import LatentSource, build_examples
 from dreambooth_ext.train.finite import NonFiniteWeights, check_finite_base, check_finite_weights, non_finite_message
@@ -46,6 +47,11 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     from dreambooth_ext.train.workspace import hold_workspace
 
     reporter = reporter or Reporter()
+    if cfg.max_epochs > 0:
+        from dreambooth_ext.train.epochs import resolve_max_steps
+
+        cfg = resolve_max_steps(cfg)
+        reporter.stage(f"{cfg.max_epochs} epochs = {cfg.max_steps} steps")
     for w in precheck(cfg):
         reporter.warn(w)
     if cfg.class_image_generator == "webui" and not getattr(reporter, "host_made_class_images", False):
@@ -87,6 +93,9 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
 
     bundle = _load_base(cfg, workspace, acc, reporter, placement)
     _check_sizes(cfg, bundle)
+    if cfg.clip_skip > 1 and bundle.family != "sd1":
+        reporter.warn(f"Setting 'clip_skip' is {cfg.clip_skip}, but {bundle.family} models read their own fixed "
+                      "layer of the text encoder (as in the WebUI), so it is ignored.")
     placement.enter(bundle, "prepare")  # class images and latent caching run on the training device
     try:
         _class_images(cfg, bundle, acc, reporter, placement)
@@ -94,7 +103,8 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         reporter.stage("stopped while generating class images; the ones made are kept")
         return TrainResult("cancelled", 0)
     instances, classes = build_examples(cfg, reporter.warn, should_stop=reporter.should_stop)
-    for w in long_prompt_warning(bundle.tokenizers[0], instances.examples + classes.examples, cfg.sample_prompts):
+    for w in long_prompt_warning(bundle.tokenizers[0], instances.examples + classes.examples, cfg.sample_prompts,
+                                 cfg.max_prompt_tokens):
         reporter.warn(w)
     if cfg.prior_loss_weight > 0 and any(c.class_prompt for c in cfg.concepts) and not len(classes):
         reporter.warn("no class images are available, so prior preservation is off for this run")
@@ -117,7 +127,8 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     # data-parallel under `accelerate launch` (the same modules otherwise): the UNet and a trained text encoder
     unet = acc.prepare(bundle.unet)
     text_encoders = [acc.prepare(te) for te in bundle.text_encoders] if trainables.te_trained else bundle.text_encoders
-    prompts = PromptCache(bundle, text_encoders, cfg.cache_text_embeddings and not trainables.te_trained)
+    prompts = PromptCache(bundle, text_encoders, cfg.cache_text_embeddings and not trainables.te_trained,
+                          TextOptions.from_config(cfg, bundle.family))
     if prompts.enabled:
         with placement.autocast():
             prompts.precompute([ex.prompt for s in (instances, classes) for ex in s.examples])
@@ -155,6 +166,8 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
                                                                  lr_scheduler, acc, ema, progress, reporter)]
         if reporter.should_stop() and step < cfg.max_steps:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+            if cfg.save_model_on_interrupt:
+                result.outputs += _model_on_interrupt(cfg, bundle, trainables, step, ema, reporter)
             reporter.stage(f"stopped at step {step}; the state is saved, run again to resume")
             result.status, result.step = "cancelled", step
             return result
@@ -170,6 +183,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
                                                placement)
         outputs = _final_outputs(cfg, bundle, trainables, workspace, progress.step, ema, reporter, state_error)
         result.outputs += [str(p) for p in outputs]
+        result.outputs = [p for p in result.outputs if Path(p).exists()]  # keep_last_models removed the rest
     return result
 
 
@@ -249,7 +263,7 @@ def _class_images(cfg, bundle, acc, reporter, placement):
                 batch_size=cfg.class_image_batch_size, negative_prompt=cfg.class_image_negative_prompt,
                 resolution=cfg.resolution, seed=cfg.seed,
                 progress=lambda d, t, msg: reporter.stage("class images", d, t), should_stop=reporter.should_stop,
-                autocast=placement.autocast)
+                autocast=placement.autocast, text=TextOptions.from_config(cfg, bundle.family))
             if sum(made.values()):
                 reporter.stage(f"generated {sum(made.values())} class images")
             if reporter.should_stop():
@@ -344,7 +358,7 @@ def _samples(cfg, bundle, trainables, workspace, step, ema, reporter, placement)
             sample_seeds(cfg, cfg.num_sample_images), steps=cfg.sample_steps, guidance=cfg.sample_guidance,
             negative_prompt=cfg.sample_negative_prompt, resolution=cfg.resolution, out_dir=workspace / "samples",
             step=step, on_image=lambda path, prompt, seed: reporter.sample(str(path), prompt, seed, step),
-            autocast=placement.autocast)
+            autocast=placement.autocast, text=TextOptions.from_config(cfg, bundle.family))
     return [str(p) for p in paths]
 
 
@@ -371,7 +385,28 @@ def _outputs(cfg, bundle, trainables, step, ema, reporter):
     reporter.stage(f"saving the model at step {step}")
     with _ema_weights(trainables, ema):
         check_finite_weights(cfg, trainables, step)
-        return write_outputs(cfg, bundle, trainables, step, reporter)
+        written = write_outputs(cfg, bundle, trainables, step, reporter)
+    _prune(cfg, reporter)
+    return written
+
+
+def _prune(cfg, reporter):
+    from dreambooth_ext.train.retention import prune_saves
+
+    removed = prune_saves(cfg)
+    if removed:
+        reporter.stage(f"removed {len(removed)} older files of this run (keep_last_models {cfg.keep_last_models})")
+
+
+def _model_on_interrupt(cfg, bundle, trainables, step, ema, reporter) -> List[str]:
+    """save_model_on_interrupt: the model as it is when stopped; a failure is a warning, the state is saved."""
+    try:
+        return [str(p) for p in _outputs(cfg, bundle, trainables, step, ema, reporter)]
+    except NonFiniteWeights:
+        raise
+    except UserError as e:
+        reporter.warn(f"The model at step {step} was not written: {e}")
+        return []
 
 
 def _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress) -> Optional[str]:

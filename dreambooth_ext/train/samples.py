@@ -30,8 +30,12 @@ OnImage = Callable[[Path, str, int], None]
 
 
 def sample_prompts(cfg) -> List[str]:
-    """Each concept's instance prompt ([filewords] removed), then the user's prompts; no repeats, order kept."""
-    prompts = [build_prompt(c.instance_prompt, None, "filewords") for c in cfg.concepts]
+    """Each concept's instance prompt ([filewords] removed) and its own sample prompts, then the run's prompts;
+    no repeats, order kept."""
+    prompts = []
+    for c in cfg.concepts:
+        prompts.append(build_prompt(c.instance_prompt, None, "filewords"))
+        prompts += [p.strip() for p in c.concept_sample_prompts]
     prompts += [p.strip() for p in cfg.sample_prompts]
     return list(dict.fromkeys(p for p in prompts if p))
 
@@ -72,12 +76,14 @@ def _save_png(image: Image.Image, path: Path, pnginfo: Optional[PngInfo] = None)
 
 def generate_samples(bundle: ModelBundle, unet, text_encoders, prompts: Sequence[str], seeds: Sequence[int], *,
                      steps: int, guidance: float, negative_prompt: str, resolution: int, out_dir, step: int,
-                     on_image: Optional[OnImage] = None, autocast: Optional[AutocastFactory] = None) -> List[Path]:
+                     on_image: Optional[OnImage] = None, autocast: Optional[AutocastFactory] = None,
+                     text=None) -> List[Path]:
     """One PNG per (prompt, seed) in out_dir/step_<step>/, named <prompt index>-<seed>.png.
 
     `unet` and `text_encoders` are the modules being trained (None: the bundle's own). They are put
     in eval mode for the samples and given back in the train/eval state they came in. `autocast`
-    (the run's mixed precision) lets a fp32 trained UNet meet half-precision frozen modules.
+    (the run's mixed precision) lets a fp32 trained UNet meet half-precision frozen modules. `text`
+    (conditioning.TextOptions) reads long prompts and clip skip as the training does.
     """
     pipe = make_pipeline(bundle, unet=unet, text_encoders=text_encoders)
     modules = [pipe.unet, pipe.vae, pipe.text_encoder] + ([pipe.text_encoder_2] if bundle.is_sdxl else [])
@@ -93,7 +99,7 @@ def generate_samples(bundle: ModelBundle, unet, text_encoders, prompts: Sequence
             for p_index, prompt in enumerate(prompts):
                 for seed in seeds:
                     generator = torch.Generator().manual_seed(int(seed))  # CPU: reproducible across devices
-                    image = generate_images(pipe, autocast, prompt=prompt, negative_prompt=negative,
+                    image = generate_images(pipe, autocast, text, prompt=prompt, negative_prompt=negative,
                                             num_inference_steps=steps, guidance_scale=guidance, height=resolution,
                                             width=resolution, generator=generator)[0]
                     info = _png_info(prompt, seed, step, steps=steps, guidance=guidance,

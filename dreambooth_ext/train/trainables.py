@@ -49,7 +49,18 @@ class Trainables:
 
 
 def setup_trainables(cfg, bundle, warn=print) -> Trainables:
-    """Mark what trains, inject adapters, and build the optimizer's parameter groups."""
+    """Mark what trains, inject adapters, and build the optimizer's parameter groups.
+
+    New adapters draw their starting weights from the run's seed: the same settings start alike, so a
+    resumed run (whose adapters come from the state) ends where an uninterrupted one does."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        if torch.cuda.is_available():  # adapters made on the GPU draw from its generator (every draw of the
+            torch.cuda.manual_seed_all(int(cfg.seed))  # run itself uses its own seeded CPU generators)
+        return _setup_trainables(cfg, bundle, warn)
+
+
+def _setup_trainables(cfg, bundle, warn) -> Trainables:
     unet, tes = bundle.unet, bundle.text_encoders
     alpha = float(cfg.effective_lora_alpha)
     unet_lora = cfg.train_mode == "lora"

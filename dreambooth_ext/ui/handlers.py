@@ -22,6 +22,7 @@ from dreambooth_ext.train.config import TrainConfig, load_config, save_config, t
 from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.recommend import recommended
 from dreambooth_ext.train.state import read_progress
+from dreambooth_ext.train.epochs import epoch_note, resolve_max_steps
 from dreambooth_ext.ui.form import config_to_form, default_form, form_to_dict
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -95,6 +96,8 @@ class Handlers:
     def initial_form(self) -> Dict[str, Any]:
         form = default_form()
         form["checkpoint"] = self.checkpoint_title(self.host.active_checkpoint() or "")
+        if self.host.clip_skip():  # the WebUI's own Clip skip, so training reads prompts as txt2img will
+            form["clip_skip"] = self.host.clip_skip()
         return form
 
     # --- form <-> config
@@ -169,6 +172,7 @@ class Handlers:
                 check_paths(to_dict(cfg), self.host.allowed_roots(), [p for _t, p in self.host.list_checkpoints()])
             validate(load_config(cfg))  # a copy: hard errors now; warnings come through the job
             check_host(cfg, self.host)  # e.g. the WebUI's txt2img for class images, only inside the WebUI
+            cfg = resolve_max_steps(cfg)  # max_epochs: the step count the run will have
             saved = _saved_progress(cfg)
             on_event, around = host_hooks(self.host, cfg.name, cfg.max_steps)
             job = self.runner.start(cfg, on_event=on_event, around=around)
@@ -187,6 +191,13 @@ class Handlers:
         running = self.runner.current.cfg.name if self.runner.current is not None else "the running job"
         before = f"'{running}' and the jobs before it have" if position > 1 else f"'{running}' has"
         return f"'{cfg.name}' waits in the queue (number {position}); it starts when {before} ended."
+
+    def epoch_note(self, form: Dict[str, Any]) -> str:
+        """Steps per epoch for the form's images and batch, or nothing while the form cannot tell."""
+        try:
+            return epoch_note(self.config(form))
+        except Exception:  # noqa: BLE001 - a half-filled form: no line, never a broken tab
+            return ""
 
     def interrupt(self) -> Reply:
         if self.runner.cancel():

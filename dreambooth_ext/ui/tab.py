@@ -23,6 +23,10 @@ PREFIX = "dreambooth_"
 OPEN_GROUPS = {"training"}
 
 
+# what the steps-per-epoch line beside Train follows, besides the memory settings
+EPOCH_SETTINGS = ("max_steps", "max_epochs", "gradient_accumulation_steps", "bucketing", "concept1.instance_dir")
+
+
 def gpu_memory_gb() -> Optional[float]:
     """The first CUDA device's memory, for the recommendations; None without CUDA."""
     try:
@@ -164,7 +168,7 @@ class Tab:
         compat.listen(self.load.click, self._load, [self.config_path, self.extras], form_in + [self.extras, self.message])
         compat.listen(self.recommend.click, self._recommend, form_in + [self.rec_family, self.rec_mode, self.rec_vram],
                       form_in + [self.message])
-        for key in [k for k in MEMORY_SETTINGS if k in self.form.components]:
+        for key in [k for k in MEMORY_SETTINGS + EPOCH_SETTINGS if k in self.form.components]:
             compat.listen(self.form.components[key].change, self._memory, form_in, [self.memory], quiet=True)
         compat.listen(self.train.click, self._train, form_in + [self.extras, self.seen], [self.message] + polled)
         compat.listen(self.resume.click, self._resume, form_in + [self.extras, self.seen], [self.message] + polled)
@@ -204,7 +208,8 @@ class Tab:
 
     def _memory(self, *values):
         form = self._values(values)
-        return form_memory_note(form, self.h.checkpoint_path(form.get("checkpoint", "")), gpu_memory_gb())
+        note = form_memory_note(form, self.h.checkpoint_path(form.get("checkpoint", "")), gpu_memory_gb())
+        return f"{note} {self.h.epoch_note(form)}".strip()
 
     def _train(self, *values, resume: bool = False):
         form = self._values(values)
