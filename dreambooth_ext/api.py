@@ -25,6 +25,7 @@ from dreambooth_ext.errors import UserError
 from dreambooth_ext.host.folders import apply_host_folders, check_paths
 from dreambooth_ext.train.config import load_config
 from dreambooth_ext.train.config_checks import validate
+from dreambooth_ext.train.epochs import resolve_max_steps
 
 PREFIX = "/dreambooth/v1"
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
