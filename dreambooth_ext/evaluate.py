@@ -77,3 +77,8 @@ def edited_latents(pipe, prompt: str, starts: torch.Tensor, seeds: Sequence[int]
                          generator=torch.Generator().manual_seed(seed), output_type="latent")
         out.append(result.images[0].float().cpu())
     return torch.stack(out)
+
+
+def paired_distance(samples: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean L2 distance between samples and references of the same index (the same seed)."""
+    return (samples.flatten(1) - references.flatten(1)).norm(dim=1).mean().item()

@@ -28,6 +28,7 @@ class TrainResult:
     outputs: List[str] = field(default_factory=list)
     losses: List[List[float]] = field(default_factory=list)
     samples: List[str] = field(default_factory=list)
+    best_step: Optional[int] = None  # the monitor's pick (see train/monitor.py); None when it did not run
 
 
 def _resumable_config(cfg: TrainConfig) -> dict:
@@ -90,6 +91,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     if prompts.enabled:
         prompts.precompute([ex.prompt for s in (instances, classes) for ex in s.examples])
 
+    monitor = _monitor(cfg, bundle, trainables, workspace, reporter) if acc.is_main_process else None
     optimizer, lr_scheduler, ema = _optimizer(cfg, trainables, device)
     unet = acc.prepare(bundle.unet)  # data-parallel under `accelerate launch`; the same module otherwise
     optimizer = acc.prepare(optimizer)
@@ -115,6 +117,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
             continue
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
             result.samples += _samples(cfg, bundle, trainables, workspace, step, ema, reporter)
+            _measure(monitor, trainables, step, ema, reporter)
         if cfg.save_state_every and step % cfg.save_state_every == 0 and step < cfg.max_steps:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
         if cfg.save_model_every and step % cfg.save_model_every == 0 and step < cfg.max_steps:
@@ -132,6 +135,7 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
             reporter.stage(f"trained {progress.step - first} steps in {time.time() - started:.1f} s")
         if cfg.sample_every:
             result.samples += _samples(cfg, bundle, trainables, workspace, progress.step, ema, reporter)
+            result.best_step = _measure(monitor, trainables, progress.step, ema, reporter, last=True)
         result.outputs += [str(p) for p in _outputs(cfg, bundle, trainables, progress.step, ema, reporter)]
     return result
 
@@ -277,6 +281,28 @@ def _samples(cfg, bundle, trainables, workspace, step, ema, reporter) -> List[st
             negative_prompt=cfg.sample_negative_prompt, resolution=cfg.resolution, out_dir=workspace / "samples",
             step=step, on_image=lambda path, prompt, seed: reporter.sample(str(path), prompt, seed, step))
     return [str(p) for p in paths]
+
+
+def _monitor(cfg, bundle, trainables, workspace, reporter):
+    """The fidelity / class-drift monitor, while samples are on (it measures at the sample steps)."""
+    from dreambooth_ext.train.monitor import Monitor
+
+    if not cfg.sample_every or not cfg.concepts:
+        return None
+    reporter.stage("monitor: the base model's pictures for the instance and class prompts")
+    return Monitor(cfg, bundle, trainables.unet, trainables.text_encoders, workspace)
+
+
+def _measure(monitor, trainables, step, ema, reporter, last=False):
+    from dreambooth_ext.train.monitor import closing_note, describe
+
+    if monitor is None:
+        return None
+    with _ema_weights(trainables, ema):
+        reporter.stage(describe(monitor.measure(step)))
+    if last:
+        reporter.stage(closing_note(monitor.record))
+    return monitor.record.best_step()
 
 
 def _outputs(cfg, bundle, trainables, step, ema, reporter):
