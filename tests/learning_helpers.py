@@ -32,7 +32,7 @@ STEPS = 20
 
 # recommended settings for the tiny base (see the learning tests for what they give)
 FULL = dict(train_mode="full", learning_rate=1e-4, max_steps=200)
-LORA = dict(train_mode="lora", lora_learning_rate=1e-3, lora_rank=8, max_steps=200)
+LORA = dict(train_mode="lora", lora_learning_rate=3e-4, lora_rank=8, lora_targets="attention_ff_conv", max_steps=200)
 
 
 def config(tmp: Path, base: Path, **overrides) -> TrainConfig:
