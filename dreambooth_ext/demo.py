@@ -25,12 +25,11 @@ def demo_config(models: Path, base: Path):
 
     concept = Concept(instance_dir=str(DEMO_IMAGES), instance_prompt=TOKEN_PROMPT, class_prompt=CLASS_PROMPT,
                       num_class_images=12)
-    # the recommended full-training settings for the tiny base (tests/test_learning_full.py measures them)
+    # the recommended full-training settings for the tiny base (tests/test_learning_full.py measures them at 200 steps)
     return TrainConfig(checkpoint=str(base), name="sks_pixarstyle-demo", models_dir=str(models), concepts=[concept],
                        resolution=RESOLUTION, max_steps=300, learning_rate=1e-4, bucketing=False,
                        class_image_steps=SAMPLE_STEPS, class_image_guidance=1.0, sample_every=100,
-                       sample_steps=SAMPLE_STEPS, sample_guidance=1.0, num_sample_images=2, save_dtype="fp32",
-                       text_encoder_mode="full", text_encoder_lr=1e-4)
+                       sample_steps=SAMPLE_STEPS, sample_guidance=1.0, num_sample_images=2, save_dtype="fp32")
 
 
 def run_demo(out: Path, models: Path = Path("models")) -> int:
