@@ -14,7 +14,8 @@ Usage: OMP_NUM_THREADS=1 python tools/build_tiny_base.py [--out DIR] [--seed N] 
    caption's real pictures each generated picture is nearest to.
 5. Writes NAME.safetensors (fp16) + NAME.yaml + NAME.clip/config.json.
 
-Runtime: about 25 minutes with one thread on a 2-core machine (printed at the end).
+Runtime: about 26 minutes with one thread on a shared 2-core machine (printed at the end): the VAE
+(900 steps, mostly on 32 px crops) 11 minutes, encoding 1, the UNet (2500 steps of 64) 15.
 """
 
 import argparse
