@@ -3,21 +3,21 @@
 A full run's checkpoint is read through the bridge; a LoRA file is added to the base the way the
 WebUI's Lora extension does (names resolved by tests/test_lora.py's transcription of
 networks.py, delta = up @ down * alpha / rank added to the resolved layer's weight).
-Distances are between scaled latents of pictures generated for fixed seeds (DDIM, 20 steps).
+What a model knows is measured as its denoising loss on reference latents under a prompt.
 """
 
 import copy
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict
 
 import torch
 
 from dreambooth_ext.bridge import single_file_to_diffusers
-from dreambooth_ext.evaluate import denoise_loss, generated_latents, image_latents, mean_nearest_distance, paired_distance
+from dreambooth_ext.evaluate import denoise_loss, image_latents
 from dreambooth_ext.train.config import Concept, TrainConfig
 from dreambooth_ext.train.images import list_images
 from dreambooth_ext.train.lora_export import load_webui_lora
-from dreambooth_ext.train.models import load_bundle, make_pipeline
+from dreambooth_ext.train.models import load_bundle
 from dreambooth_ext.train.reporter import RecordingReporter
 from dreambooth_ext.train.run import train
 
@@ -25,8 +25,6 @@ DEMO = Path(__file__).resolve().parent.parent / "dreambooth_ext" / "data" / "dem
 TOKEN = "a sks_pixarstyle character"
 CLASS = "a character"
 UNRELATED = "a red circle"
-PROMPTS = (TOKEN, CLASS, UNRELATED)
-SEEDS = list(range(300, 306))
 RES = 64
 STEPS = 20
 
@@ -70,11 +68,6 @@ def trained_modules(tmp: Path, base: Path, **overrides):
     return bundle, bundle.unet, bundle.text_encoders
 
 
-def trained_pipe(tmp: Path, base: Path, **overrides):
-    bundle, unet, tes = trained_modules(tmp, base, **overrides)
-    return make_pipeline(bundle, unet=unet, text_encoders=tes)
-
-
 def drawn_latents(bundle, caption: str, seeds=range(20_000, 20_008)) -> torch.Tensor:
     """Latents of the drawn pictures the base learned for `caption` (seeds it was not trained on)."""
     from dreambooth_ext import drawn
@@ -107,23 +100,6 @@ def add_webui_lora(bundle, unet, text_encoders, path: Path, multiplier: float = 
         weight += multiplier * delta.to(weight.dtype)
 
 
-def samples(pipe, prompts: Sequence[str] = PROMPTS) -> Dict[str, torch.Tensor]:
-    return {p: generated_latents(pipe, p, SEEDS, STEPS, RES) for p in prompts}
-
-
 def instance_latents(base: Path, tmp: Path) -> torch.Tensor:
     bundle = load_bundle(base_folder(base, tmp))
     return image_latents(bundle, list_images(DEMO)[0], RES)
-
-
-def measure(base_samples, run_samples, instances) -> dict:
-    """fidelity: token samples' distance to the nearest instance picture (base -> trained, and the factor);
-    drift: how far each prompt's samples moved from the base's for the same seeds, as a share of the
-    distance from the base's token samples to the instances (1 = as far as the whole concept is)."""
-    before = mean_nearest_distance(base_samples[TOKEN], instances)
-    after = mean_nearest_distance(run_samples[TOKEN], instances)
-    out = {"token_before": before, "token_after": after, "factor": before / after}
-    for p in (CLASS, UNRELATED):
-        out[f"drift {p}"] = paired_distance(run_samples[p], base_samples[p]) / before
-        out[f"to instances {p}"] = mean_nearest_distance(run_samples[p], instances)
-    return out
