@@ -1,8 +1,11 @@
 """`./run.sh demo`: the main job on a built-in default, on a CPU, with nothing downloaded.
 
-Builds the tiny base model, DreamBooth-trains it on the bundled `sks_pixarstyle` character (drawn
-by tools/draw_demo_images.py) with prior preservation, writes the checkpoint where the WebUI
-looks, and saves a before/after grid and a loss plot. A few minutes on 2 cores.
+Installs the shipped tiny drawn base (a small SD1 that learned coloured shapes and simple
+characters, tools/build_tiny_base.py), DreamBooth-trains it on the bundled `sks_pixarstyle`
+character (drawn by tools/draw_demo_images.py, which the base has never seen) with prior
+preservation, writes the checkpoint where the WebUI looks, and saves a labelled before/after grid
+(the same seeds before and after, for the instance prompt, the class prompt and an unrelated
+caption), a loss plot and the monitor's figures. A few minutes on 2 cores.
 """
 
 import time
@@ -10,34 +13,39 @@ from pathlib import Path
 
 DEMO_IMAGES = Path(__file__).resolve().parent / "data" / "demo" / "instance"
 TOKEN_PROMPT = "a sks_pixarstyle character"
-CLASS_PROMPT = "a pixar-style character"
-SEEDS = [11, 12, 13, 14]
+CLASS_PROMPT = "a character"
+UNRELATED_PROMPT = "a red circle"
+SEEDS = [11, 12, 13, 14, 15, 16]
+RESOLUTION = 64
+SAMPLE_STEPS = 20
 
 
 def demo_config(models: Path, base: Path):
     from dreambooth_ext.train.config import Concept, TrainConfig
 
     concept = Concept(instance_dir=str(DEMO_IMAGES), instance_prompt=TOKEN_PROMPT, class_prompt=CLASS_PROMPT,
-                      num_class_images=8)
+                      num_class_images=12)
+    # the recommended full-training settings for the tiny base (tests/test_learning_full.py measures them at 200 steps)
     return TrainConfig(checkpoint=str(base), name="sks_pixarstyle-demo", models_dir=str(models), concepts=[concept],
-                       resolution=128, max_steps=200, learning_rate=1e-3, bucketing=False, class_image_steps=10,
-                       class_image_guidance=1.0, sample_every=100, sample_steps=10, sample_guidance=1.0,
-                       num_sample_images=2, save_dtype="fp32")
+                       resolution=RESOLUTION, max_steps=300, learning_rate=1e-4, bucketing=False,
+                       class_image_steps=SAMPLE_STEPS, class_image_guidance=1.0, sample_every=100,
+                       sample_steps=SAMPLE_STEPS, sample_guidance=1.0, num_sample_images=2, save_dtype="fp32")
 
 
 def run_demo(out: Path, models: Path = Path("models")) -> int:
     from dreambooth_ext.plot import loss_plot
-    from dreambooth_ext.tiny import write_tiny_checkpoint
+    from dreambooth_ext.tiny_base import NAME, install
     from dreambooth_ext.train.reporter import ConsoleReporter
     from dreambooth_ext.train.run import train
 
     out, models = Path(out), Path(models)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    base = models / "Stable-diffusion" / "tiny-sd1.safetensors"
+    base = models / "Stable-diffusion" / f"{NAME}.safetensors"
     if not base.is_file():
-        write_tiny_checkpoint("sd1", base, seed=0)
-    print(f"base model: {base} (tiny random-weight SD1, with {base.with_suffix('.yaml').name} beside it)")
+        install(base)
+    print(f"base model: {base} (tiny SD1 trained on drawn shapes and characters, with "
+          f"{base.with_suffix('.yaml').name} beside it)")
     cfg = demo_config(models, base)
     reporter = ConsoleReporter()
     try:
@@ -47,40 +55,87 @@ def run_demo(out: Path, models: Path = Path("models")) -> int:
     if result.status != "finished":
         print(f"stopped at step {result.step}; run `./run.sh demo` again to resume")
         return 3
-    grid, distances = _before_after(cfg, Path(result.outputs[0]), out / "before_after.png")
+    grid, figures = before_after(cfg, Path(result.outputs[0]), out / "before_after.png")
     loss_plot(result.losses).save(out / "loss.png")
-    print(f"\ntrained {result.step} steps in {time.time() - t0:.0f} s")
+    print(f"\ntrained {result.step} steps; whole demo {time.time() - t0:.0f} s")
     print(f"checkpoint for the WebUI: {result.outputs[0]}")
-    print(f"before/after samples ('{TOKEN_PROMPT}', seeds {SEEDS}): {grid}")
-    print(f"mean latent distance of those samples to the nearest instance image: base {distances[0]:.1f}, "
-          f"trained {distances[1]:.1f} (a random-weight VAE draws no recognisable pictures; this measures the pull)")
+    print(f"before/after grid (seeds {SEEDS}): {grid}")
+    print("mean latent distance of the samples to the nearest instance picture (lower = more like the character):")
+    for prompt, (before, after) in figures["to_instances"].items():
+        print(f"  '{prompt}': base {before:.1f} -> trained {after:.1f}")
+    print("how far the trained model's samples moved from the base's, same seeds (drift; the concept itself is "
+          f"{figures['to_instances'][TOKEN_PROMPT][0]:.1f} away):")
+    for prompt, drift in figures["drift"].items():
+        print(f"  '{prompt}': {drift:.1f}")
+    if result.best_step is not None:
+        print(f"monitor's best step: {result.best_step} (figures in {cfg.workspace_path() / 'monitor.json'})")
     print(f"loss plot: {out / 'loss.png'}")
     print(f"samples during training, class images and resumable state: {cfg.workspace_path()}")
     return 0
 
 
-def _before_after(cfg, trained: Path, path: Path):
-    """Rows: the instance images, the base model's samples, the trained model's (same prompt and seeds);
-    and each model's mean latent distance from its samples to the nearest instance image."""
+def before_after(cfg, trained: Path, path: Path):
+    """A labelled grid: the instance pictures, then base and trained rows for each prompt (same seeds);
+    and the latent figures behind it."""
     import torch
 
     from dreambooth_ext.bridge import single_file_to_diffusers
-    from dreambooth_ext.evaluate import generated_latents, image_latents, mean_nearest_distance
+    from dreambooth_ext.evaluate import image_latents, mean_nearest_distance, paired_distance, pixel_latents
     from dreambooth_ext.train.images import list_images, load_image
     from dreambooth_ext.train.models import load_bundle, make_pipeline
-    from dreambooth_ext.train.samples import save_grid
 
-    rows = [load_image(p).resize((cfg.resolution, cfg.resolution)) for p in list_images(DEMO_IMAGES)[0][:len(SEEDS)]]
     folder = cfg.workspace_path() / "trained-diffusers"
     single_file_to_diffusers(trained, folder, overwrite=True, progress=lambda _m: None)
-    distances = []
-    for model in (cfg.workspace_path() / "base" / "model", folder):
+    paths = list_images(DEMO_IMAGES)[0]
+    rows = [("instance pictures", [load_image(p).resize((RESOLUTION, RESOLUTION)) for p in paths[:len(SEEDS)]])]
+    pictures, latents = {}, {}
+    for label, model in (("base", cfg.workspace_path() / "base" / "model"), ("trained", folder)):
         bundle = load_bundle(model)
         pipe = make_pipeline(bundle)
-        for seed in SEEDS:
-            rows.append(pipe(TOKEN_PROMPT, num_inference_steps=20, height=cfg.resolution, width=cfg.resolution,
-                             guidance_scale=1.0, generator=torch.Generator().manual_seed(seed)).images[0])
-        references = image_latents(bundle, list_images(DEMO_IMAGES)[0], cfg.resolution)
-        samples = generated_latents(pipe, TOKEN_PROMPT, SEEDS, 20, cfg.resolution)
-        distances.append(mean_nearest_distance(samples, references))
-    return save_grid(rows, len(SEEDS), path), distances
+        for prompt in (TOKEN_PROMPT, CLASS_PROMPT, UNRELATED_PROMPT):
+            pictures[label, prompt] = [
+                pipe(prompt, num_inference_steps=SAMPLE_STEPS, height=RESOLUTION, width=RESOLUTION, guidance_scale=1.0,
+                     generator=torch.Generator().manual_seed(seed)).images[0] for seed in SEEDS]
+            latents[label, prompt] = pixel_latents(bundle, pictures[label, prompt])
+        if label == "base":
+            references = image_latents(bundle, paths, RESOLUTION)
+    for prompt in (TOKEN_PROMPT, CLASS_PROMPT, UNRELATED_PROMPT):
+        for label in ("base", "trained"):
+            rows.append((f"{label}: {prompt}", pictures[label, prompt]))
+    figures = {"to_instances": {}, "drift": {}}
+    for prompt in (TOKEN_PROMPT, CLASS_PROMPT, UNRELATED_PROMPT):
+        figures["to_instances"][prompt] = tuple(mean_nearest_distance(latents[k, prompt], references)
+                                                for k in ("base", "trained"))
+        figures["drift"][prompt] = paired_distance(latents["trained", prompt], latents["base", prompt])
+    return labelled_grid(rows, path), figures
+
+
+def labelled_grid(rows, path: Path, zoom: int = 2) -> Path:
+    """Rows of pictures, each with its label on the left, enlarged `zoom` times for reading."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cell = RESOLUTION * zoom
+    label_w, gap = 230, 4
+    cols = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (label_w + cols * (cell + gap), len(rows) * (cell + gap)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for r, (label, images) in enumerate(rows):
+        y = r * (cell + gap)
+        for line, text in enumerate(_wrap(label, 34)):
+            draw.text((6, y + cell // 2 - 12 + 12 * line), text, fill=(20, 20, 20), font=font)
+        for c, img in enumerate(images):
+            grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * (cell + gap), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def _wrap(text: str, width: int):
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]

@@ -77,3 +77,26 @@ def edited_latents(pipe, prompt: str, starts: torch.Tensor, seeds: Sequence[int]
                          generator=torch.Generator().manual_seed(seed), output_type="latent")
         out.append(result.images[0].float().cpu())
     return torch.stack(out)
+
+
+def paired_distance(samples: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean L2 distance between samples and references of the same index (the same seed)."""
+    return (samples.flatten(1) - references.flatten(1)).norm(dim=1).mean().item()
+
+
+@torch.no_grad()
+def denoise_loss(bundle, unet, text_encoder, prompt: str, latents: torch.Tensor,
+                 timesteps: Sequence[int] = (100, 300, 500, 700, 900), seed: int = 0) -> float:
+    """Mean squared error of the noise predicted for `latents` noised at fixed timesteps with fixed noise,
+    under `prompt`: how well a model knows these pictures by that prompt (lower = better known)."""
+    tokenizer = bundle.tokenizers[0]
+    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    cond = text_encoder(ids)[0].expand(len(latents), -1, -1)
+    total = 0.0
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + int(t)))
+        steps = torch.full((len(latents),), int(t))
+        noisy = bundle.noise_scheduler.add_noise(latents, noise, steps)
+        total += (unet(noisy, steps, cond).sample - noise).pow(2).mean().item()
+    return total / len(timesteps)

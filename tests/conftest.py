@@ -22,3 +22,11 @@ def tiny_checkpoints(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def drawn_base(tmp_path_factory):
+    """The shipped tiny drawn base (dreambooth_ext/data/tiny_base), installed once per session."""
+    from dreambooth_ext.tiny_base import install
+
+    return install(tmp_path_factory.mktemp("drawn") / "Stable-diffusion" / "tiny-sd1-drawn.safetensors")

@@ -31,6 +31,7 @@ class TrainResult:
     outputs: List[str] = field(default_factory=list)
     losses: List[List[float]] = field(default_factory=list)
     samples: List[str] = field(default_factory=list)
+    best_step: Optional[int] = None  # the monitor's pick (see train/monitor.py); None when it did not run
 
 
 def _resumable_config(cfg: TrainConfig) -> dict:
@@ -134,6 +135,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
             prompts.precompute([ex.prompt for s in (instances, classes) for ex in s.examples])
     placement.enter(bundle, "train")
 
+    monitor = _monitor(cfg, bundle, trainables, workspace, reporter, placement) if acc.is_main_process else None
     optimizer, lr_scheduler, ema = _optimizer(cfg, trainables, device)
     optimizer = acc.prepare(optimizer)
     micro = MicroBatch(cfg, bundle, unet, latents, prompts, device, placement.compute_dtype)
@@ -159,6 +161,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
             continue
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
             result.samples += _samples_or_warn(cfg, bundle, trainables, workspace, step, ema, reporter, placement)
+            _measure(monitor, trainables, step, ema, reporter, placement)
         if cfg.save_state_every and step % cfg.save_state_every == 0 and step < cfg.max_steps:
             _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
         if cfg.save_model_every and step % cfg.save_model_every == 0 and step < cfg.max_steps:
@@ -181,6 +184,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         if cfg.sample_every:
             result.samples += _samples_or_warn(cfg, bundle, trainables, workspace, progress.step, ema, reporter,
                                                placement)
+            result.best_step = _measure(monitor, trainables, progress.step, ema, reporter, placement, last=True)
         outputs = _final_outputs(cfg, bundle, trainables, workspace, progress.step, ema, reporter, state_error)
         result.outputs += [str(p) for p in outputs]
         result.outputs = [p for p in result.outputs if Path(p).exists()]  # keep_last_models removed the rest
@@ -377,6 +381,31 @@ def _samples_or_warn(cfg, bundle, trainables, workspace, step, ema, reporter, pl
     except UserError as e:
         reporter.warn(str(e))
         return []
+
+
+def _monitor(cfg, bundle, trainables, workspace, reporter, placement):
+    """The fidelity / class-drift monitor, while samples are on (it measures at the sample steps)."""
+    from dreambooth_ext.train.monitor import Monitor
+
+    if not cfg.sample_every or not cfg.concepts:
+        return None
+    reporter.stage("monitor: the base model's pictures for the instance and class prompts")
+    placement.enter(bundle, "sample")
+    with _back_to(placement, bundle, "train"):
+        return Monitor(cfg, bundle, trainables.unet, trainables.text_encoders, workspace, autocast=placement.autocast)
+
+
+def _measure(monitor, trainables, step, ema, reporter, placement, last=False):
+    from dreambooth_ext.train.monitor import closing_note, describe
+
+    if monitor is None:
+        return None
+    placement.enter(monitor.bundle, "sample")
+    with _ema_weights(trainables, ema), _back_to(placement, monitor.bundle, "train"):
+        reporter.stage(describe(monitor.measure(step)))
+    if last:
+        reporter.stage(closing_note(monitor.record))
+    return monitor.record.best_step()
 
 
 def _outputs(cfg, bundle, trainables, step, ema, reporter):

@@ -1,0 +1,105 @@
+"""DreamBooth runs on the shipped drawn base, read back from the files the trainer writes.
+
+A full run's checkpoint is read through the bridge; a LoRA file is added to the base the way the
+WebUI's Lora extension does (names resolved by tests/test_lora.py's transcription of
+networks.py, delta = up @ down * alpha / rank added to the resolved layer's weight).
+What a model knows is measured as its denoising loss on reference latents under a prompt.
+"""
+
+import copy
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from dreambooth_ext.bridge import single_file_to_diffusers
+from dreambooth_ext.evaluate import denoise_loss, image_latents
+from dreambooth_ext.train.config import Concept, TrainConfig
+from dreambooth_ext.train.images import list_images
+from dreambooth_ext.train.lora_export import load_webui_lora
+from dreambooth_ext.train.models import load_bundle
+from dreambooth_ext.train.reporter import RecordingReporter
+from dreambooth_ext.train.run import train
+
+DEMO = Path(__file__).resolve().parent.parent / "dreambooth_ext" / "data" / "demo" / "instance"
+TOKEN = "a sks_pixarstyle character"
+CLASS = "a character"
+UNRELATED = "a red circle"
+RES = 64
+STEPS = 20
+
+# recommended settings for the tiny base (see the learning tests for what they give)
+FULL = dict(train_mode="full", learning_rate=1e-4, max_steps=200)
+LORA = dict(train_mode="lora", lora_learning_rate=3e-4, lora_rank=8, lora_targets="attention_ff_conv", max_steps=200)
+
+
+def config(tmp: Path, base: Path, **overrides) -> TrainConfig:
+    concept = Concept(instance_dir=str(DEMO), instance_prompt=TOKEN, class_prompt=CLASS,
+                      num_class_images=overrides.pop("num_class_images", 8))
+    concept.class_dir = str(tmp / "class-images")
+    settings = dict(checkpoint=str(base), name="learn", models_dir=str(tmp / "models"), concepts=[concept],
+                    resolution=RES, bucketing=False, class_image_steps=STEPS, class_image_guidance=1.0,
+                    prior_loss_weight=1.0, save_dtype="fp32", seed=7, lr_scheduler="constant")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def base_folder(base: Path, tmp: Path) -> Path:
+    folder = tmp / "base-diffusers"
+    if not (folder / "model_index.json").is_file():
+        single_file_to_diffusers(base, folder, progress=lambda _m: None)
+    return folder
+
+
+def trained_modules(tmp: Path, base: Path, **overrides):
+    """Train, then (bundle, unet, text encoders) of what was written: the checkpoint, or the base plus the LoRA file."""
+    cfg = config(tmp, base, **overrides)
+    result = train(cfg, RecordingReporter())
+    assert result.status == "finished", result
+    written = Path(result.outputs[0])
+    if cfg.train_mode == "lora":
+        bundle = load_bundle(base_folder(base, tmp.parent))
+        unet, tes = copy.deepcopy(bundle.unet), [copy.deepcopy(t) for t in bundle.text_encoders]
+        add_webui_lora(bundle, unet, tes, written)
+        return bundle, unet, tes
+    folder = tmp / f"{written.stem}-diffusers"
+    single_file_to_diffusers(written, folder, progress=lambda _m: None)
+    bundle = load_bundle(folder)
+    return bundle, bundle.unet, bundle.text_encoders
+
+
+def drawn_latents(bundle, caption: str, seeds=range(20_000, 20_008)) -> torch.Tensor:
+    """Latents of the drawn pictures the base learned for `caption` (seeds it was not trained on)."""
+    from dreambooth_ext import drawn
+    from dreambooth_ext.evaluate import pixel_latents
+
+    return pixel_latents(bundle, drawn.pictures(caption, seeds))
+
+
+def known(bundle, unet, tes, references: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Denoising loss of each prompt on its reference latents (the instances for the token)."""
+    return {p: denoise_loss(bundle, unet, tes[0], p, lat) for p, lat in references.items()}
+
+
+@torch.no_grad()
+def add_webui_lora(bundle, unet, text_encoders, path: Path, multiplier: float = 1.0):
+    """Add a written LoRA file's deltas to these modules as A1111's networks.py would place them."""
+    from tests.test_lora import a1111_resolve, webui_layers
+
+    sd = load_webui_lora(path)
+    modules, targets = webui_layers(bundle.family, bundle.unet, bundle.text_encoders)
+    models = [unet] + list(text_encoders)
+    for name in {k.split(".", 1)[0] for k in sd}:
+        hit = a1111_resolve(name, modules, bundle.family.startswith("sd2"))
+        assert hit is not None, f"the WebUI would not load {name}"
+        component, path_in_model = targets[hit[0]]
+        weight = models[component].get_submodule(path_in_model).weight
+        down, up = sd[f"{name}.lora_down.weight"].float(), sd[f"{name}.lora_up.weight"].float()
+        alpha = float(sd[f"{name}.alpha"])
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * alpha / down.shape[0]
+        weight += multiplier * delta.to(weight.dtype)
+
+
+def instance_latents(base: Path, tmp: Path) -> torch.Tensor:
+    bundle = load_bundle(base_folder(base, tmp))
+    return image_latents(bundle, list_images(DEMO)[0], RES)
