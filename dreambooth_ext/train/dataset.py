@@ -107,8 +107,12 @@ def choose_view(example: Example, cfg, micro_index: int, slot: int) -> View:
     crop_key = (cfg.seed, "crop", str(example.path)) if cfg.cache_latents else (cfg.seed, "crop", micro_index, slot)
     _, (left, top) = bk.crop_plan(example.size[0], example.size[1], example.bucket, cfg.center_crop,
                                   random.Random(derived_seed(*crop_key)))
-    flip = cfg.hflip and random.Random(derived_seed(cfg.seed, "flip", micro_index, slot)).random() < 0.5
-    return View((top, left), flip)
+    return View((top, left), flip_at(cfg, micro_index, slot))
+
+
+def flip_at(cfg, micro_index: int, slot: int) -> bool:
+    """Whether the image in `slot` of micro-batch `micro_index` is shown mirrored."""
+    return cfg.hflip and random.Random(derived_seed(cfg.seed, "flip", micro_index, slot)).random() < 0.5
 
 
 def pixels(example: Example, view: View, cfg) -> torch.Tensor:

@@ -296,9 +296,7 @@ def _optimizer_step(cfg, step, micro, instances, classes, trainables, optimizer,
         index = (step * cfg.gradient_accumulation_steps + a) * acc.num_processes + acc.process_index
         sync = a == cfg.gradient_accumulation_steps - 1
         with _no_sync(acc, synced, sync), acc.autocast():
-            loss = micro.loss(instances, index, "instance", te_grad)
-            if len(classes):
-                loss = loss + cfg.prior_loss_weight * micro.loss(classes, index, "class", te_grad)
+            loss = micro.loss(instances, classes, index, te_grad)  # + prior_loss_weight * the class loss
         acc.backward(loss / cfg.gradient_accumulation_steps)
         total += loss.detach().float()
     total_value = total.item()  # the step's one host sync
@@ -308,7 +306,8 @@ def _optimizer_step(cfg, step, micro, instances, classes, trainables, optimizer,
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(trainables.parameters(), cfg.max_grad_norm)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # the wrapped optimizer's own zero_grad: accelerate's inspects a signature at every call
+    getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
     if acc.num_processes > 1:
         return acc.reduce(total / cfg.gradient_accumulation_steps, reduction="mean").item()
     return total_value / cfg.gradient_accumulation_steps
