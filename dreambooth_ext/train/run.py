@@ -158,13 +158,23 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     result.step = progress.step
     if acc.is_main_process:
         state_error = None
-        if progress.step > first:
-            state_error = _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+        trained = progress.step > first
+        if trained:
             reporter.stage(f"trained {progress.step - first} steps in {time.time() - started:.1f} s")
+        # the state (about 3x the model) is written at the end only when the settings keep states;
+        # otherwise only if the model cannot be written, so the training is never lost
+        keep_state = trained and cfg.save_state_every > 0
+        if keep_state:
+            state_error = _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
         if cfg.sample_every:
             result.samples += _samples_or_warn(cfg, bundle, trainables, workspace, progress.step, ema, reporter,
                                                placement)
-        outputs = _final_outputs(cfg, bundle, trainables, workspace, progress.step, ema, reporter, state_error)
+        rescue = None
+        if trained and not keep_state:
+            def rescue():
+                return _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+        outputs = _final_outputs(cfg, bundle, trainables, workspace, progress.step, ema, reporter, state_error,
+                                 rescue)
         result.outputs += [str(p) for p in outputs]
     return result
 
@@ -394,11 +404,18 @@ def _outputs_or_state(cfg, bundle, trainables, workspace, optimizer, lr_schedule
                         "run the same settings again to go on from there.") from None
 
 
-def _final_outputs(cfg, bundle, trainables, workspace, step, ema, reporter, state_error):
-    """The model files; a failure says what is kept, so nothing trained is lost without a word."""
+def _final_outputs(cfg, bundle, trainables, workspace, step, ema, reporter, state_error, rescue=None):
+    """The model files; a failure says what is kept, so nothing trained is lost without a word.
+
+    `rescue` saves the state when the model cannot be written (and was not saved before).
+    """
     try:
         written = _outputs(cfg, bundle, trainables, step, ema, reporter)
+    except NonFiniteWeights:
+        raise
     except UserError as e:
+        if rescue is not None:
+            state_error = rescue()
         if state_error:
             raise UserError(f"{e} The training state could not be saved either: {state_error}") from None
         raise UserError(f"{e} The training state at step {step} is kept in {st.state_dir(workspace)}: run "
