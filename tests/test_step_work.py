@@ -18,8 +18,7 @@ def _micro(tiny_checkpoints, tmp_path, family, **overrides):
     instances, _ = build_examples(cfg, lambda w: None)
     classes = type(instances)([type(e)(e.path, "a pixar-style character", e.size, e.bucket)
                                for e in instances.examples], 2, 99)
-    latents = LatentSource(bundle.vae, cfg, True)
-    latents.precompute(instances.examples)
+    latents = LatentSource(bundle.vae, cfg, True)  # encoded as the views are first asked for
     prompts = PromptCache(bundle, bundle.text_encoders, True)
     prompts.precompute([e.prompt for e in instances.examples + classes.examples])
     bundle.unet.requires_grad_(True)
@@ -45,3 +44,65 @@ def test_one_pass_over_both_halves_is_the_two_pass_loss(tiny_checkpoints, tmp_pa
     # and it is instance + weight * class: the class half alone moves the total by its weight
     instance_only, _ = _loss_and_grads(micro, instances, type(classes)([], 2, 0), True)
     assert not torch.allclose(instance_only, merged)
+
+
+def _encodes(monkeypatch):
+    calls = []
+    real = LatentSource._encode
+
+    def counting(self, batch):
+        calls.append(batch.shape[0])
+        return real(self, batch)
+
+    monkeypatch.setattr(LatentSource, "_encode", counting)
+    return calls
+
+
+def test_latents_are_encoded_in_batches_once_and_reused_from_disk_by_the_next_run(tiny_checkpoints, tmp_path,
+                                                                                 monkeypatch):
+    from dreambooth_ext.train.reporter import RecordingReporter
+    from dreambooth_ext.train.run import train
+
+    calls = _encodes(monkeypatch)
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=3, train_batch_size=2, hflip=False,
+                       num_class_images=0)
+    first = train(cfg, RecordingReporter())
+    assert sum(calls) == 6 and max(calls) > 1  # the six demo images, several per VAE call
+    calls.clear()
+    again = train(cfg, RecordingReporter())  # a finished run keeps no state: it trains again, from the cache
+    assert calls == [] and again.status == first.status == "finished"
+
+
+def test_a_changed_image_or_vae_misses_the_cache(tiny_checkpoints, tmp_path):
+    from dreambooth_ext.train.dataset import View, build_examples
+    from dreambooth_ext.train.latent_cache import DiskCache
+
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), num_class_images=0)
+    bundle = load_bundle(prepare_base(cfg.checkpoint, cfg.workspace_path(), cfg.family))
+    ex = build_examples(cfg, lambda w: None)[0].examples[0]
+    cache = DiskCache(tmp_path / "c", bundle.vae, print)
+    name = cache.name(ex, (0, 0), False)
+    assert name != cache.name(ex, (0, 0), True) and name != cache.name(ex, (1, 0), False)
+    for module, misses in ((bundle.vae.encoder, True), (bundle.vae.decoder, False)):  # the decoder does not encode
+        weight = module.conv_in.weight
+        kept = weight.detach().clone()
+        with torch.no_grad():
+            weight[0, 0, 0, 0] += 1
+        assert (DiskCache(tmp_path / "c", bundle.vae, print).name(ex, (0, 0), False) != name) == misses
+        with torch.no_grad():
+            weight.copy_(kept)
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(ex.path.read_bytes() + b"\0")
+    assert cache.name(type(ex)(copy, ex.prompt, ex.size, ex.bucket), (0, 0), False) != name
+
+
+def test_a_short_run_encodes_only_the_class_images_it_shows(tiny_checkpoints, tmp_path):
+    from dreambooth_ext.train.dataset import ExampleSet, build_examples
+    from dreambooth_ext.train.latent_cache import used_views
+
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), num_class_images=0, hflip=True)
+    instances = build_examples(cfg, lambda w: None)[0]
+    many = ExampleSet(instances.examples * 5, 1, 3)
+    views = used_views(many, 4, cfg)
+    assert len(views) == 4
+    assert len(used_views(many, 10_000, cfg)) == 2 * len(many)  # a long run: every image, both flips

@@ -128,10 +128,13 @@ def pixels(example: Example, view: View, cfg) -> torch.Tensor:
 
 
 class LatentSource:
-    """Latent distributions (mean, std) of examples: cached once, or encoded on demand."""
+    """Latent distributions (mean, std) of examples: cached once (in memory, and on disk when given a
+    DiskCache), or encoded on demand."""
 
-    def __init__(self, vae, cfg, cache: bool):
-        self.vae, self.cfg, self.cache = vae, cfg, cache
+    batch_size = 4  # images per VAE call while caching: fewer, larger calls
+
+    def __init__(self, vae, cfg, cache: bool, disk=None):
+        self.vae, self.cfg, self.cache, self.disk = vae, cfg, cache, disk
         self._store: Dict[Tuple[str, bool], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -140,21 +143,44 @@ class LatentSource:
         dist = self.vae.encode(batch.to(param.device, param.dtype)).latent_dist
         return dist.mean.float().cpu(), dist.std.float().cpu()
 
-    def precompute(self, examples: Sequence[Example], progress: Optional[Callable[[int, int], None]] = None):
-        """Encode every example once (both flips when flipping is on, since a cached view is fixed)."""
-        flips = (False, True) if self.cfg.hflip else (False,)
-        for n, ex in enumerate(examples):
-            crop = choose_view(ex, self.cfg, 0, 0).crop_tl
-            for flip in flips:
-                key = (str(ex.path), flip)
-                if key not in self._store:
-                    mean, std = self._encode(pixels(ex, View(crop, flip), self.cfg)[None])
-                    self._store[key] = (mean[0], std[0])
-            if progress:
-                progress(n + 1, len(examples))
+    def precompute(self, views: Sequence[Tuple[Example, View]],
+                   progress: Optional[Callable[[int, int], None]] = None):
+        """Have the latents of these (example, view) pairs: from the disk cache, else encoded in batches."""
+        from dreambooth_ext.train.latent_cache import chunks
+
+        todo = []
+        for ex, view in views:
+            key = (str(ex.path), view.flip)
+            if key in self._store:
+                continue
+            name = self.disk.name(ex, view.crop_tl, view.flip) if self.disk else None
+            hit = self.disk.read(name) if name else None
+            if hit is not None:
+                self._store[key] = hit
+            else:
+                todo.append((ex, view, name))
+        by_bucket: Dict[Tuple[int, int], list] = {}
+        for item in todo:
+            by_bucket.setdefault(tuple(item[0].bucket), []).append(item)
+        done = len(views) - len(todo)
+        for items in by_bucket.values():
+            for batch in chunks(items, self.batch_size):
+                mean, std = self._encode(torch.stack([pixels(ex, v, self.cfg) for ex, v, _ in batch]))
+                for (ex, v, name), m, s in zip(batch, mean, std):
+                    self._store[(str(ex.path), v.flip)] = (m.clone(), s.clone())
+                    if name:
+                        self.disk.write(name, m, s)
+                done += len(batch)
+                if progress:
+                    progress(done, len(views))
+        if progress and not todo:
+            progress(len(views), len(views))
 
     def get(self, examples: Sequence[Example], views: Sequence[View]) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.cache:
+            missing = [(ex, v) for ex, v in zip(examples, views) if (str(ex.path), v.flip) not in self._store]
+            if missing:  # a view the plan did not foresee: cache it now
+                self.precompute(missing)
             pairs = [self._store[(str(ex.path), v.flip)] for ex, v in zip(examples, views)]
             return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         return self._encode(torch.stack([pixels(ex, v, self.cfg) for ex, v in zip(examples, views)]))

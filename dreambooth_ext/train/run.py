@@ -95,10 +95,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     if cfg.prior_loss_weight > 0 and any(c.class_prompt for c in cfg.concepts) and not len(classes):
         reporter.warn("no class images are available, so prior preservation is off for this run")
 
-    latents = LatentSource(bundle.vae, cfg, cfg.cache_latents)
-    if cfg.cache_latents:
-        every = instances.examples + classes.examples
-        latents.precompute(every, lambda d, t: _stage_or_stop(reporter, "caching latents", d, t))
+    latents = _cache_latents(cfg, bundle, workspace, instances, classes, acc, reporter)
 
     from dreambooth_ext.train.trainables import setup_trainables
 
@@ -183,6 +180,19 @@ def _stage_or_stop(reporter, text, done, total):
     reporter.stage(text, done, total)
     if reporter.should_stop():
         raise Cancelled()
+
+
+def _cache_latents(cfg, bundle, workspace, instances, classes, acc, reporter) -> LatentSource:
+    """The latents the run will use, from the workspace's cache or encoded in batches; only views it shows."""
+    from dreambooth_ext.train.latent_cache import DiskCache, used_views
+
+    if not cfg.cache_latents:
+        return LatentSource(bundle.vae, cfg, False)
+    latents = LatentSource(bundle.vae, cfg, True, DiskCache(workspace / "latents", bundle.vae, reporter.warn))
+    total = cfg.max_steps * cfg.gradient_accumulation_steps * acc.num_processes
+    views = used_views(instances, total, cfg) + used_views(classes, total, cfg)
+    latents.precompute(views, lambda d, t: _stage_or_stop(reporter, "caching latents", d, t))
+    return latents
 
 
 def _check_sizes(cfg, bundle):
