@@ -106,3 +106,27 @@ def test_a_short_run_encodes_only_the_class_images_it_shows(tiny_checkpoints, tm
     views = used_views(many, 4, cfg)
     assert len(views) == 4
     assert len(used_views(many, 10_000, cfg)) == 2 * len(many)  # a long run: every image, both flips
+
+
+def test_a_second_run_name_on_the_same_checkpoint_does_not_convert_it_again(tiny_checkpoints, tmp_path, monkeypatch):
+    from dreambooth_ext import bridge
+
+    ck = tiny_checkpoints("sd1")
+    one = small_config(tmp_path, ck, name="one", num_class_images=0)
+    two = small_config(tmp_path, ck, name="two", num_class_images=0)
+    first = prepare_base(one.checkpoint, one.workspace_path(), "auto")
+    converted = []
+    real = bridge.single_file_to_diffusers
+    monkeypatch.setattr(bridge, "single_file_to_diffusers", lambda *a, **k: converted.append(a) or real(*a, **k))
+    said = []
+    second = prepare_base(two.checkpoint, two.workspace_path(), "auto", progress=said.append)
+    assert converted == [] and any("made for one" in s for s in said)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (second / weights).read_bytes() == (first / weights).read_bytes()
+    import shutil
+
+    changed = shutil.copy(ck, tmp_path / "changed.safetensors")
+    shutil.copy(ck.with_suffix(".yaml"), tmp_path / "changed.yaml")
+    other = small_config(tmp_path, changed, name="three", num_class_images=0)
+    prepare_base(other.checkpoint, other.workspace_path(), "auto")  # another file: its own conversion
+    assert len(converted) == 1
