@@ -64,6 +64,7 @@ def test_latents_are_encoded_in_batches_once_and_reused_from_disk_by_the_next_ru
     from dreambooth_ext.train.run import train
 
     calls = _encodes(monkeypatch)
+    monkeypatch.setattr(LatentSource, "batch_size", 4)  # as on a GPU
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=3, train_batch_size=2, hflip=False,
                        num_class_images=0)
     first = train(cfg, RecordingReporter())
