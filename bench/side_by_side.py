@@ -13,11 +13,16 @@ class in one batch, as ours and the peer do).
 The peer script is not part of this repository. Get it from diffusers' repository at the tag of the
 installed diffusers (0.31.0): examples/dreambooth/train_dreambooth.py, e.g.
     git clone --depth 1 --branch v0.31.0 https://github.com/huggingface/diffusers
-It imports torchvision (and tensorboard for its default --report_to): give --peer-python an
-interpreter that has them and the same torch/diffusers. Without them the peer rows are skipped with
-the reason, and the bare loop is the reference. (On this project's CPU machine torch is 2.13+cpu and
-no CPU build of the matching torchvision 0.28 was reachable: PyPI's build needs CUDA torch and fails
-to import, so the peer could not be run here.)
+It imports torchvision, and diffusers' training_utils needs a transformers with
+`integrations.deepspeed` (the Forge pins' 4.46 has it, the WebUI's 4.30 does not): run this bench
+with that Python (then ours and the peer share every library) or give --peer-python. Where no
+torchvision build matches the installed torch (here: torch 2.13+cpu; PyPI's torchvision 0.28 needs
+CUDA torch and fails to import), --peer-pythonpath can name a folder holding a stand-in `torchvision`
+package with the few transforms the script uses (Compose, Resize, CenterCrop, RandomCrop, ToTensor,
+Normalize); say so beside any figure measured that way. Without a runnable peer its rows are skipped
+with the reason, and the bare loop is the reference.
+
+    .venv-forge/bin/python bench/side_by_side.py --peer diffusers/examples/dreambooth/train_dreambooth.py
 
 Usage: python bench/side_by_side.py [--peer PATH] [--peer-python PY] [--kind tiny|mid] [--steps N]
        [--repeats 3]
@@ -44,9 +49,11 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
               "DIFFUSERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run_timed(cmd, first_step_pattern: str, cwd=None):
+def run_timed(cmd, first_step_pattern: str, cwd=None, pythonpath: str = ""):
     """Run `cmd`; (CPU s, wall s, s to the first step or None, peak RSS bytes, rc, last output)."""
     env = {**os.environ, **ONE_THREAD}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH", "")) if p)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     seen = {"first": None, "tail": b""}
@@ -71,16 +78,16 @@ def run_timed(cmd, first_step_pattern: str, cwd=None):
     return cpu, wall, seen["first"], usage.ru_maxrss * 1024, rc, seen["tail"].decode(errors="replace")[-1500:]
 
 
-def peer_problem(python: str, peer: str):
+def peer_problem(python: str, peer: str, pythonpath: str = ""):
     """Why the peer cannot run with `python` (a missing import), or None."""
     if not peer:
         return "no --peer script given"
     if not Path(peer).is_file():
         return f"{peer} does not exist"
-    check = "import importlib.util as u, sys; missing=[m for m in ('torchvision','tensorboard') if not u.find_spec(m)]; " \
-            "print(','.join(missing)); sys.exit(1 if missing else 0)"
-    out = subprocess.run([python, "-c", check], capture_output=True, text=True)
-    return None if out.returncode == 0 else f"{python} cannot import {out.stdout.strip() or out.stderr.strip()[-200:]}"
+    check = "import torchvision.transforms, diffusers.training_utils"
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+    out = subprocess.run([python, "-c", check], capture_output=True, text=True, env=env)
+    return None if out.returncode == 0 else f"{python} cannot run it: {out.stderr.strip().splitlines()[-1][-200:]}"
 
 
 def setup(kind: str, tmp: Path, num_class: int, resolution: int):
@@ -94,6 +101,10 @@ def setup(kind: str, tmp: Path, num_class: int, resolution: int):
     models = build_models(fam, 0)
     ck = single_file_from_models(fam, models, tmp / f"{kind}.safetensors")
     folder = save_diffusers(fam, models, tmp / f"{kind}-diffusers")
+    from safetensors.torch import load_file, save_file
+
+    te = folder / "text_encoder" / "model.safetensors"  # transformers' from_pretrained wants its format tag
+    save_file(load_file(str(te)), str(te), metadata={"format": "pt"})
     instance = tmp / "instance"
     instance.mkdir()
     for p in sorted(DEMO.glob("*.png")):  # images only: the peer reads every file in the folder as an image
@@ -196,6 +207,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--peer", default="", help="path of diffusers' examples/dreambooth/train_dreambooth.py")
     parser.add_argument("--peer-python", default=sys.executable)
+    parser.add_argument("--peer-pythonpath", default="", help="prepended to the peer's PYTHONPATH only")
     parser.add_argument("--kind", choices=["tiny", "mid"], default="tiny")
     parser.add_argument("--steps", type=int, default=None, help="default: 100 tiny, 10 mid")
     parser.add_argument("--repeats", type=int, default=3)
@@ -203,7 +215,7 @@ def main():
     args = parser.parse_args()
     steps = args.steps or (100 if args.kind == "tiny" else 10)
     res = 64 if args.kind == "tiny" else 256
-    problem = peer_problem(args.peer_python, args.peer)
+    problem = peer_problem(args.peer_python, args.peer, args.peer_pythonpath)
     print(f"{args.kind} SD1 pattern, {res} px, {steps} steps, batch 1 + prior preservation "
           f"({args.class_images} class images), AdamW fp32, 1 thread each, {args.repeats} interleaved repeats")
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,7 +231,8 @@ def main():
             runs["ours"].append(out)
             if problem is None:
                 out = run_timed(peer_cmd(args.peer_python, args.peer, folder, instance, klass, tmp / f"peer-{r}",
-                                         steps, res, args.class_images), r"Steps:[^\r\n]*\|\s*1/\d+")
+                                         steps, res, args.class_images), r"Steps:[^\r\n]*\|\s*1/\d+",
+                                pythonpath=args.peer_pythonpath)
                 if out[4]:
                     raise SystemExit(f"the peer failed:\n{out[5]}")
                 runs["peer"].append(out)
