@@ -189,6 +189,10 @@ def _cache_latents(cfg, bundle, workspace, instances, classes, acc, reporter) ->
     if not cfg.cache_latents:
         return LatentSource(bundle.vae, cfg, False)
     latents = LatentSource(bundle.vae, cfg, True, DiskCache(workspace / "latents", bundle.vae, reporter.warn))
+    if acc.device.type == "cpu":
+        # the VAE stays where the steps run: each view is encoded (or read back) at its first use, so
+        # the first step comes as early as it can and the total is the same
+        return latents
     total = cfg.max_steps * cfg.gradient_accumulation_steps * acc.num_processes
     views = used_views(instances, total, cfg) + used_views(classes, total, cfg)
     latents.precompute(views, lambda d, t: _stage_or_stop(reporter, "caching latents", d, t))
