@@ -23,6 +23,9 @@ from dreambooth_ext.train.prompt_length import long_prompt_warning
 from dreambooth_ext.train.reporter import Cancelled, Reporter
 
 
+ENCODE_AT_FIRST_USE_ON_CPU = True  # False: cache every latent the run shows before its first step, as on a GPU
+
+
 @dataclass
 class TrainResult:
     status: str  # finished | cancelled
@@ -189,7 +192,7 @@ def _cache_latents(cfg, bundle, workspace, instances, classes, acc, reporter) ->
     if not cfg.cache_latents:
         return LatentSource(bundle.vae, cfg, False)
     latents = LatentSource(bundle.vae, cfg, True, DiskCache(workspace / "latents", bundle.vae, reporter.warn))
-    if acc.device.type == "cpu":
+    if acc.device.type == "cpu" and ENCODE_AT_FIRST_USE_ON_CPU:
         # the VAE stays where the steps run: each view is encoded (or read back) at its first use, so
         # the first step comes as early as it can and the total is the same
         return latents
