@@ -24,6 +24,8 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--top", type=int, default=35)
     parser.add_argument("--no-profile", action="store_true", help="phases only (cProfile slows small calls)")
+    parser.add_argument("--cache-up-front", action="store_true",
+                        help="encode every latent before the first step (as on a GPU), so steps time only steps")
     args = parser.parse_args()
     import torch
 
@@ -33,6 +35,10 @@ def main():
     from dreambooth_ext.train.run import train
 
     torch.set_num_threads(1)
+    if args.cache_up_front:
+        from dreambooth_ext.train import run
+
+        run.ENCODE_AT_FIRST_USE_ON_CPU = False
     imported = time.perf_counter()
 
     class Timer(Reporter):
