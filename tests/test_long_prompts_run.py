@@ -25,9 +25,14 @@ def _long_captions(tmp_path):
 
 def _record(monkeypatch):
     seen, bundles = [], []
-    real_loss, real_load = batches.diffusion_loss, models.load_bundle
-    monkeypatch.setattr(batches, "diffusion_loss", lambda unet, sched, lat, emb, **k: seen.append(emb.detach()) or
-                        real_loss(unet, sched, lat, emb, **k))
+    real_half, real_load = batches.MicroBatch._half, models.load_bundle
+
+    def half(self, *a, **k):  # each side's conditioning, as the UNet gets it
+        out = real_half(self, *a, **k)
+        seen.append(out.cond.detach())
+        return out
+
+    monkeypatch.setattr(batches.MicroBatch, "_half", half)
     monkeypatch.setattr(models, "load_bundle", lambda *a, **k: bundles.append(real_load(*a, **k)) or bundles[-1])
     return seen, bundles
 

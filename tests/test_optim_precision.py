@@ -168,12 +168,37 @@ def test_resume_with_more_steps_follows_the_new_settings():
 # ---------------------------------------------------------------------------------------------
 # Optimizers
 
-def test_adamw_trains_a_linear_regression():
+def test_adamw_is_fused_on_the_cpu_where_torch_can_and_trains_a_linear_regression():
     model, x, y = _regression()
     opt = make_optimizer("adamw", [{"params": model.parameters(), "lr": 5e-2}], device=CPU, **ADAM)
-    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults.get("fused")
+    cpu_fuses = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+    assert isinstance(opt, torch.optim.AdamW) and bool(opt.defaults.get("fused")) == cpu_fuses
     losses, _ = _train(model, opt, x, y, 200)
     assert losses[-1] < 0.01 * losses[0]
+
+
+class _NoFusedCpuAdamW(torch.optim.AdamW):
+    """torch 2.1's AdamW (the WebUI's): fused=True is accepted for CUDA parameters only, refused when built."""
+
+    def __init__(self, params, *args, fused=None, **kwargs):
+        params = list(params)
+        if fused and not all(p.is_cuda for g in params for p in g["params"]):
+            raise RuntimeError("`fused=True` requires all the params to be CUDA, floating point Tensors")
+        super().__init__(params, *args, fused=fused, **kwargs)
+
+
+def test_adamw_falls_back_where_torch_has_no_fused_cpu_kernel_and_matches_the_fused_one(monkeypatch):
+    fused_model, x, y = _regression()
+    fused = make_optimizer("adamw", [{"params": fused_model.parameters(), "lr": 5e-2}], device=CPU, **ADAM)
+    monkeypatch.setattr(torch.optim, "AdamW", _NoFusedCpuAdamW)
+    model, _, _ = _regression()
+    opt = make_optimizer("adamw", [{"params": model.parameters(), "lr": 5e-2}], device=CPU, **ADAM)
+    assert isinstance(opt, _NoFusedCpuAdamW) and not opt.defaults.get("fused")
+    losses, _ = _train(model, opt, x, y, 200)
+    fused_losses, _ = _train(fused_model, fused, x, y, 200)
+    assert losses[-1] < 0.01 * losses[0]
+    for p, q in zip(model.parameters(), fused_model.parameters()):  # the same update, to float rounding
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_adafactor_trains_on_cpu():

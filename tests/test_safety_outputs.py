@@ -139,7 +139,8 @@ def test_the_lock_refuses_a_second_run_in_the_same_process(tiny_checkpoints, tmp
 def test_a_full_disk_at_the_final_ckpt_keeps_the_previous_file_and_the_state(tiny_checkpoints, tmp_path, monkeypatch):
     from dreambooth_ext.bridge import tensor_io
 
-    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=2, num_class_images=0, save_format="ckpt")
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=2, num_class_images=0, save_format="ckpt",
+                       save_state_every=2)
     train(cfg, RecordingReporter())
     ckpt = _sd(tmp_path) / "tiny_2.ckpt"
     before = _digest(ckpt)
@@ -164,7 +165,7 @@ def test_a_full_disk_at_the_final_ckpt_keeps_the_previous_file_and_the_state(tin
 def test_a_full_disk_while_saving_the_state_keeps_the_previous_state(tiny_checkpoints, tmp_path, monkeypatch):
     import safetensors.torch
 
-    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=4, num_class_images=0)
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=4, num_class_images=0, save_state_every=100)
     train(cfg, RecordingReporter(stop_at_step=2))
     state = cfg.workspace_path() / "state"
     before = {p.name: _digest(p) for p in state.iterdir()}
@@ -324,3 +325,29 @@ def test_a_read_only_class_folder_reports_the_write_not_the_cleanup(tmp_path, mo
     with pytest.raises(UserError) as e:
         class_images._write_atomic(tmp_path / "class_00000-abcdef12.png", refuse)
     assert "class_00000-abcdef12.png cannot be written" in str(e.value) and "read-only" in str(e.value)
+
+
+def test_a_finished_run_keeps_no_state_unless_its_model_cannot_be_written(tiny_checkpoints, tmp_path, monkeypatch):
+    from dreambooth_ext.bridge import tensor_io
+    from dreambooth_ext.train.state import read_progress
+
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=2, num_class_images=0)
+    train(cfg, RecordingReporter())
+    assert read_progress(cfg.workspace_path()) is None  # the model holds the training; no 3x-size state beside it
+    cfg = small_config(tmp_path / "b", tiny_checkpoints("sd1"), max_steps=2, num_class_images=0)
+    real = tensor_io.write_safetensors_stream
+
+    def full(path, *a, **k):
+        if "Stable-diffusion" not in str(path):
+            return real(path, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensor_io, "write_safetensors_stream", full)  # the model cannot be written, the state can
+    with pytest.raises(UserError) as e:
+        train(cfg, RecordingReporter())
+    assert "training state at step 2 is kept" in str(e.value)
+    assert read_progress(cfg.workspace_path()).step == 2  # the trained weights are kept after all
+    monkeypatch.setattr(tensor_io, "write_safetensors_stream", real)
+    reporter = RecordingReporter()
+    result = train(cfg, reporter)  # the same settings again: the model, without training again
+    assert result.status == "finished" and result.outputs and reporter.losses == []

@@ -119,7 +119,10 @@ class _StopAtStage(RecordingReporter):
 
 
 @pytest.mark.parametrize("stage", ["converting", "caching latents"])
-def test_a_stop_works_before_the_training_steps(stage, tiny_checkpoints, tmp_path):
+def test_a_stop_works_before_the_training_steps(stage, tiny_checkpoints, tmp_path, monkeypatch):
+    from dreambooth_ext.train import run
+
+    monkeypatch.setattr(run, "ENCODE_AT_FIRST_USE_ON_CPU", False)  # cache up front, as on a GPU
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), num_class_images=0)
     reporter = _StopAtStage(stage)
     result = train(cfg, reporter)

@@ -83,7 +83,7 @@ def test_a_damaged_state_is_named_not_silently_restarted(damage, phrase, tiny_ch
 def test_a_run_that_trained_before_but_lost_its_state_says_it_starts_fresh(tiny_checkpoints, tmp_path):
     import shutil
 
-    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=2, num_class_images=0)
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=2, num_class_images=0, save_state_every=100)
     train(cfg, RecordingReporter())
     shutil.rmtree(cfg.workspace_path() / "state")
     reporter = RecordingReporter()

@@ -25,7 +25,9 @@ def test_written_checkpoint_reproduces_the_trained_model(tiny_checkpoints, tmp_p
     from dreambooth_ext.bridge import single_file_to_diffusers
     from dreambooth_ext.train.models import load_bundle, make_pipeline
 
-    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), text_encoder_mode="full", text_encoder_lr=1e-4)
+    # save_state_every keeps the final state too: the reference for the written weights
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), text_encoder_mode="full", text_encoder_lr=1e-4,
+                       save_state_every=100)
     reporter = RecordingReporter()
     result = train(cfg, reporter)
     assert result.status == "finished" and result.step == 6

@@ -247,8 +247,9 @@ class TrainConfig:
     # saving
     save_model_every: int = setting(0, "Write the model every this many steps as NAME_<step> (0 = only at the end).",
                                     "saving", min=0, max=1_000_000)
-    save_state_every: int = setting(0, "Save resumable training state every this many steps (0 = only at the end); "
-                                    "full training states are large (about 3x the model).", "saving",
+    save_state_every: int = setting(0, "Save resumable training state every this many steps and at the end (0 = only "
+                                    "when stopped, or when the model cannot be written); full training states are "
+                                    "large (about 3x the model).", "saving",
                                     min=0, max=1_000_000)
     save_format: str = setting("safetensors", "File format; .ckpt is a pickle, prefer safetensors.", "saving",
                                choices=("safetensors", "ckpt"))

@@ -25,10 +25,8 @@ def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_typ
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, *, seed: int,
-                   offset_noise: float = 0.0, min_snr_gamma: float = 0.0,
-                   added_cond: Optional[dict] = None) -> torch.Tensor:
-    """Mean loss of one batch of latents (already scaled) under its conditioning."""
+def noised(scheduler, latents: torch.Tensor, *, seed: int, offset_noise: float = 0.0):
+    """(noisy latents, timesteps, target) of one batch: what the UNet sees and what it should predict."""
     noise, timesteps = sample_noise_and_timesteps(latents, scheduler, seed, offset_noise)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction_type = scheduler.config.prediction_type
@@ -38,8 +36,22 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, *
         target = noise
     else:
         raise ValueError(f"prediction type {prediction_type!r} is not trainable here")
-    pred = unet(noisy, timesteps, cond, added_cond_kwargs=added_cond).sample
+    return noisy, timesteps, target
+
+
+def prediction_loss(scheduler, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                    min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Mean (optionally Min-SNR weighted) squared error of one batch's prediction."""
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma > 0:
-        per_sample = per_sample * snr_weights(scheduler, timesteps, min_snr_gamma, prediction_type)
+        per_sample = per_sample * snr_weights(scheduler, timesteps, min_snr_gamma, scheduler.config.prediction_type)
     return per_sample.mean()
+
+
+def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, *, seed: int,
+                   offset_noise: float = 0.0, min_snr_gamma: float = 0.0,
+                   added_cond: Optional[dict] = None) -> torch.Tensor:
+    """Mean loss of one batch of latents (already scaled) under its conditioning."""
+    noisy, timesteps, target = noised(scheduler, latents, seed=seed, offset_noise=offset_noise)
+    pred = unet(noisy, timesteps, cond, added_cond_kwargs=added_cond).sample
+    return prediction_loss(scheduler, pred, target, timesteps, min_snr_gamma)

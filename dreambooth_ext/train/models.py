@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -70,12 +72,40 @@ def prepare_base(checkpoint: str, workspace: Path, family: str = "auto",
     if _read_marker(marker) == key and (base / "model" / "model_index.json").is_file():
         return base / "model"
     base.mkdir(parents=True, exist_ok=True)
+    if _reuse_conversion(key, base, progress or log.info):
+        return base / "model"
     report = single_file_to_diffusers(src, base / "model", family=family, overwrite=True, progress=progress,
                                       should_stop=should_stop)
     for note in report.notes:
         (progress or log.info)(f"note: {note}")
     marker.write_text(json.dumps(key))
     return base / "model"
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)  # the same bytes, no second copy: a conversion is never written over in place
+    except OSError:
+        shutil.copy2(src, dst)  # another file system, or links not allowed
+
+
+def _reuse_conversion(key: dict, base: Path, say: Callable[[str], None]) -> bool:
+    """Take another run's conversion of the same checkpoint (a sibling workspace) instead of converting again."""
+    from dreambooth_ext.bridge.tensor_io import atomic_path
+
+    for other in sorted(base.parent.parent.glob("*/base/source.json")):
+        folder = other.parent / "model"
+        if other.parent == base or _read_marker(other) != key or not (folder / "model_index.json").is_file():
+            continue
+        try:
+            with atomic_path(base / "model") as tmp:
+                shutil.copytree(folder, tmp, copy_function=_link_or_copy)
+        except (OSError, UserError):
+            continue  # that one is unusable (being replaced, unreadable): try another, or convert
+        (base / "source.json").write_text(json.dumps(key))
+        say(f"using the conversion of {Path(key['path']).name} made for {other.parent.parent.name}")
+        return True
+    return False
 
 
 def load_bundle(folder: Path, torch_dtype: torch.dtype = torch.float32,

@@ -145,7 +145,8 @@ def _check_saved_state(cfg) -> List[str]:
     if saved is None:
         if read_record(cfg):
             return [f"No saved state of '{cfg.name}' is in {st.state_dir(cfg.workspace_path())} although this "
-                    "name has trained before; training starts from step 0."]
+                    "name has trained before (a finished run keeps its state only with 'save_state_every'); "
+                    "training starts from step 0."]
         return []
     if saved.step == 0:
         return []

@@ -24,6 +24,9 @@ from dreambooth_ext.train.prompt_length import long_prompt_warning
 from dreambooth_ext.train.reporter import Cancelled, Reporter
 
 
+ENCODE_AT_FIRST_USE_ON_CPU = True  # False: cache every latent the run shows before its first step, as on a GPU
+
+
 @dataclass
 class TrainResult:
     status: str  # finished | cancelled
@@ -110,10 +113,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     if cfg.prior_loss_weight > 0 and any(c.class_prompt for c in cfg.concepts) and not len(classes):
         reporter.warn("no class images are available, so prior preservation is off for this run")
 
-    latents = LatentSource(bundle.vae, cfg, cfg.cache_latents)
-    if cfg.cache_latents:
-        every = instances.examples + classes.examples
-        latents.precompute(every, lambda d, t: _stage_or_stop(reporter, "caching latents", d, t))
+    latents = _cache_latents(cfg, bundle, workspace, instances, classes, acc, reporter)
 
     from dreambooth_ext.train.trainables import setup_trainables
 
@@ -178,14 +178,24 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     result.step = progress.step
     if acc.is_main_process:
         state_error = None
-        if progress.step > first:
-            state_error = _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+        trained = progress.step > first
+        if trained:
             reporter.stage(f"trained {progress.step - first} steps in {time.time() - started:.1f} s")
+        # the state (about 3x the model) is written at the end only when the settings keep states;
+        # otherwise only if the model cannot be written, so the training is never lost
+        keep_state = trained and cfg.save_state_every > 0
+        if keep_state:
+            state_error = _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
         if cfg.sample_every:
             result.samples += _samples_or_warn(cfg, bundle, trainables, workspace, progress.step, ema, reporter,
                                                placement)
             result.best_step = _measure(monitor, trainables, progress.step, ema, reporter, placement, last=True)
-        outputs = _final_outputs(cfg, bundle, trainables, workspace, progress.step, ema, reporter, state_error)
+        rescue = None
+        if trained and not keep_state:
+            def rescue():
+                return _final_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress)
+        outputs = _final_outputs(cfg, bundle, trainables, workspace, progress.step, ema, reporter, state_error,
+                                 rescue)
         result.outputs += [str(p) for p in outputs]
         result.outputs = [p for p in result.outputs if Path(p).exists()]  # keep_last_models removed the rest
     return result
@@ -195,6 +205,23 @@ def _stage_or_stop(reporter, text, done, total):
     reporter.stage(text, done, total)
     if reporter.should_stop():
         raise Cancelled()
+
+
+def _cache_latents(cfg, bundle, workspace, instances, classes, acc, reporter) -> LatentSource:
+    """The latents the run will use, from the workspace's cache or encoded in batches; only views it shows."""
+    from dreambooth_ext.train.latent_cache import DiskCache, used_views
+
+    if not cfg.cache_latents:
+        return LatentSource(bundle.vae, cfg, False)
+    latents = LatentSource(bundle.vae, cfg, True, DiskCache(workspace / "latents", bundle.vae, reporter.warn))
+    if acc.device.type == "cpu" and ENCODE_AT_FIRST_USE_ON_CPU:
+        # the VAE stays where the steps run: each view is encoded (or read back) at its first use, so
+        # the first step comes as early as it can and the total is the same
+        return latents
+    total = cfg.max_steps * cfg.gradient_accumulation_steps * acc.num_processes
+    views = used_views(instances, total, cfg) + used_views(classes, total, cfg)
+    latents.precompute(views, lambda d, t: _stage_or_stop(reporter, "caching latents", d, t))
+    return latents
 
 
 def _check_sizes(cfg, bundle):
@@ -318,9 +345,7 @@ def _optimizer_step(cfg, step, micro, instances, classes, trainables, optimizer,
         index = (step * cfg.gradient_accumulation_steps + a) * acc.num_processes + acc.process_index
         sync = a == cfg.gradient_accumulation_steps - 1
         with _no_sync(acc, synced, sync), acc.autocast():
-            loss = micro.loss(instances, index, "instance", te_grad)
-            if len(classes):
-                loss = loss + cfg.prior_loss_weight * micro.loss(classes, index, "class", te_grad)
+            loss = micro.loss(instances, classes, index, te_grad)  # + prior_loss_weight * the class loss
         acc.backward(loss / cfg.gradient_accumulation_steps)
         total += loss.detach().float()
     total_value = total.item()  # the step's one host sync
@@ -330,7 +355,8 @@ def _optimizer_step(cfg, step, micro, instances, classes, trainables, optimizer,
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(trainables.parameters(), cfg.max_grad_norm)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # the wrapped optimizer's own zero_grad: accelerate's inspects a signature at every call
+    getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
     if acc.num_processes > 1:
         return acc.reduce(total / cfg.gradient_accumulation_steps, reduction="mean").item()
     return total_value / cfg.gradient_accumulation_steps
@@ -463,11 +489,18 @@ def _outputs_or_state(cfg, bundle, trainables, workspace, optimizer, lr_schedule
                         "run the same settings again to go on from there.") from None
 
 
-def _final_outputs(cfg, bundle, trainables, workspace, step, ema, reporter, state_error):
-    """The model files; a failure says what is kept, so nothing trained is lost without a word."""
+def _final_outputs(cfg, bundle, trainables, workspace, step, ema, reporter, state_error, rescue=None):
+    """The model files; a failure says what is kept, so nothing trained is lost without a word.
+
+    `rescue` saves the state when the model cannot be written (and was not saved before).
+    """
     try:
         written = _outputs(cfg, bundle, trainables, step, ema, reporter)
+    except NonFiniteWeights:
+        raise
     except UserError as e:
+        if rescue is not None:
+            state_error = rescue()
         if state_error:
             raise UserError(f"{e} The training state could not be saved either: {state_error}") from None
         raise UserError(f"{e} The training state at step {step} is kept in {st.state_dir(workspace)}: run "
