@@ -76,7 +76,7 @@ def _demo(args) -> int:
 
 
 def _ui(args) -> int:
-    from dreambooth_ext.ui.standalone import serve
+    from dreambooth_ext.host.standalone import serve
 
     serve(models_dir=args.models_dir, host=args.host, port=args.port)
     return 0

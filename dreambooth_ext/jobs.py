@@ -17,6 +17,9 @@ from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.reporter import Reporter
 
 
+ENDED = ("finished", "cancelled", "failed", "removed")  # a job in one of these will not change again
+
+
 @dataclass
 class JobState:
     name: str
@@ -47,6 +50,7 @@ class Job(Reporter):
         self.host_made_class_images = False  # the host's own generator ran (class_image_generator = webui)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._ended = threading.Event()  # set once the job has ended and its "end" event has been handled
         self._state = JobState(name=cfg.name, total=cfg.max_steps)
         self._on_event = on_event
         self._since: Optional[Tuple[int, float]] = None  # (step, time) the ETA's rate is measured from
@@ -64,15 +68,23 @@ class Job(Reporter):
 
     @property
     def done(self) -> bool:
-        return self.snapshot().status in ("finished", "cancelled", "failed", "removed")
+        return self.snapshot().status in ENDED
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the job has ended (and its end event was handled); False if `timeout` passed first."""
+        return self._ended.wait(timeout)
 
     # --- called by the trainer
     def _update(self, event: str, **changes):
         with self._lock:
             for k, v in changes.items():
                 setattr(self._state, k, v)
-        if self._on_event:
-            self._on_event(event, self)
+        try:
+            if self._on_event:
+                self._on_event(event, self)
+        finally:
+            if changes.get("status") in ENDED:
+                self._ended.set()
 
     def stage(self, text, done=None, total=None):
         self._update("stage", stage=text if total is None else f"{text} {done}/{total}",

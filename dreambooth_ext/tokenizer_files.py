@@ -19,11 +19,6 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKENS = ("<|endoftext|>", "!")
 
 
-def tokenizer_data_dir() -> Path:
-    """Folder holding the shipped vocab.json and merges.txt."""
-    return TOKENIZER_DATA_DIR
-
-
 def write_tokenizer(
     dst_dir: Union[str, Path], pad_token: str = EOS_TOKEN, model_max_length: int = 77
 ) -> Path:

@@ -14,8 +14,8 @@ import pytest
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.host.folders import path_settings
 from dreambooth_ext.train.config import Concept, TrainConfig, describe
-from tests.test_webui_contract import (_config, _fake_runner, _wait, add_checkpoint, client, started_app,  # noqa: F401
-                                       webui)
+from tests.webui_fixtures import (_config, _fake_runner, _wait, add_checkpoint, client, started_app,  # noqa: F401
+                                  webui)
 
 TRAIN = "/dreambooth/v1/train"
 PATHS = [(name, False) for name in path_settings(TrainConfig)] + [(name, True) for name in path_settings(Concept)]
@@ -151,7 +151,7 @@ def test_request_limits(webui, monkeypatch):
 def test_a_body_that_is_not_json_is_one_sentence(webui, monkeypatch):
     _fake_runner(monkeypatch, None)
     app = started_app(webui, api=True)
-    from tests.test_webui_contract import _AsgiClient
+    from tests.webui_fixtures import _AsgiClient
 
     raw = _AsgiClient(app)
     for body in (b"{nope", b"[" * 200_000 + b"]" * 200_000, b'{"seed": 1' + b"0" * 5000 + b"}", b"\xff\xfe"):
@@ -166,24 +166,22 @@ def _raw_post(raw, body: bytes):
 
 
 def test_status_polls_stay_small(webui, monkeypatch):
-    release = threading.Event()
+    release, reported = threading.Event(), threading.Event()
 
     def chatty(cfg, job):
         job.start(0, cfg.max_steps)
         for i in range(500):
             job.sample(f"/s/{i}.png", "p", i, 1)
             job.warn(f"warning {i}")
+        reported.set()
         release.wait(30)
         return SimpleNamespace(status="finished", step=0)
 
     _fake_runner(monkeypatch, chatty)
     c = client(started_app(webui, api=True))
     assert c.post(TRAIN, json=_config(webui)).status_code == 200
-    for _ in range(500):
-        s = c.get("/dreambooth/v1/status").json()
-        if len(s["warnings"]) == 20 and s["samples"][-1] == "/s/499.png":
-            break
-        release.wait(0.01)
+    assert reported.wait(30)  # the running job has reported all 500 samples and warnings
+    s = c.get("/dreambooth/v1/status").json()
     assert len(s["samples"]) == 20 and s["samples"][-1] == "/s/499.png" and len(s["warnings"]) == 20
     release.set()
     _wait(c)

@@ -29,8 +29,8 @@ from dreambooth_ext.bridge import single_file_to_diffusers
 from dreambooth_ext.evaluate import edited_latents, image_latents, mean_nearest_distance, pixel_latents
 from dreambooth_ext.train.images import list_images
 from dreambooth_ext.train.models import load_bundle, make_pipeline
-from dreambooth_ext.train.reporter import RecordingReporter
 from dreambooth_ext.train.run import train
+from tests.recording import RecordingReporter
 from tests.trainer_helpers import CLASS_PROMPT, DEMO, TOKEN_PROMPT, small_config
 
 SEEDS = list(range(100, 108))  # 8 generations per prompt

@@ -14,8 +14,8 @@ import dreambooth_ext.train.models as models
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train import lora as lora_lib
 from dreambooth_ext.train.placement import EMULATE_ENV, decide_placement
-from dreambooth_ext.train.reporter import RecordingReporter
 from dreambooth_ext.train.run import train
+from tests.recording import RecordingReporter
 from tests.trainer_helpers import TOKEN_PROMPT, small_config
 
 BF16, FP32 = torch.bfloat16, torch.float32

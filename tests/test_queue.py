@@ -96,11 +96,26 @@ def test_a_removed_job_never_runs(runner_and_gates):
     removed = runner.start(TrainConfig(name="two", max_steps=3))
     kept = runner.start(TrainConfig(name="three", max_steps=3))
     assert runner.remove("two") and not runner.remove("two") and not runner.remove("one")
-    assert removed.snapshot().status == "removed" and removed.done
+    assert removed.snapshot().status == "removed" and removed.done and removed.wait(0)
     gates.gate("three").set()
     gates.finish("one", runner)  # the worker goes on to "three" in the same thread
     kept.thread.join(30)
     assert gates.order == ["one", "three"] and kept.snapshot().status == "finished"
+
+
+def test_wait_returns_once_the_job_has_ended_and_its_end_was_handled(runner_and_gates):
+    runner, gates = runner_and_gates
+    handled = []
+
+    def on_event(event, job):
+        if event == "end":
+            handled.append(job.snapshot().status)
+
+    job = runner.start(TrainConfig(name="one", max_steps=3), on_event=on_event)
+    assert gates.started.setdefault("one", threading.Event()).wait(30)
+    assert not job.wait(0) and not job.done  # running: it has not ended
+    gates.gate("one").set()
+    assert job.wait(30) and handled == ["finished"] and job.done
 
 
 def test_interrupt_stops_the_running_job_and_the_next_starts():

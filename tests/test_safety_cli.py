@@ -72,8 +72,8 @@ def test_the_pickle_refusal_is_whole_and_plain(tmp_path, capsys):
 
 
 def test_a_prompt_over_75_tokens_is_warned_once_naming_its_file(tiny_checkpoints, tmp_path):
-    from dreambooth_ext.train.reporter import RecordingReporter
     from dreambooth_ext.train.run import train
+    from tests.recording import RecordingReporter
     from tests.trainer_helpers import DEMO, small_config
 
     folder = tmp_path / "imgs"

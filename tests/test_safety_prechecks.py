@@ -5,8 +5,8 @@ import pytest
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.jobs import JobRunner
 from dreambooth_ext.train.precheck import precheck
-from dreambooth_ext.train.reporter import RecordingReporter
 from dreambooth_ext.train.run import train
+from tests.recording import RecordingReporter
 from tests.trainer_helpers import DEMO, small_config
 
 

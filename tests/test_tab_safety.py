@@ -192,7 +192,7 @@ def test_a_page_open_to_others_keeps_runs_inside_the_hosts_folders(tab, tmp_path
 
 
 def test_the_webui_says_when_it_is_open_to_others(monkeypatch, tmp_path):
-    from tests.test_webui_contract import DOUBLE
+    from tests.webui_fixtures import DOUBLE
     import sys
 
     monkeypatch.syspath_prepend(str(DOUBLE))

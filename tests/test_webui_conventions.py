@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from dreambooth_ext.errors import UserError
-from tests.test_webui_contract import (_config, _fake_runner, _wait, add_checkpoint, client, forge,  # noqa: F401
-                                       host, started_app, webui)
+from tests.webui_fixtures import (_config, _fake_runner, _wait, add_checkpoint, client, forge,  # noqa: F401
+                                  host, started_app, webui)
 
 CLASS = "a photo of a dog"
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from dreambooth_ext.errors import UserError
-from tests.test_webui_contract import (_config, _fake_runner, _wait, add_checkpoint, client, host,  # noqa: F401
-                                       started_app, webui)
+from tests.webui_fixtures import (_config, _fake_runner, _wait, add_checkpoint, client, host,  # noqa: F401
+                                  started_app, webui)
 
 
 def _loaded_once(webui, name="base.safetensors") -> Path:
@@ -121,12 +121,13 @@ def test_a_generation_waiting_for_the_lock_never_sees_an_empty_list(webui, monke
     """A txt2img pressed during training waits for the queue lock, then runs: the list must be full by then."""
     sd, lock = webui.sd_models, webui.call_queue.queue_lock
     base = _loaded_once(webui)
-    go, window = threading.Event(), threading.Event()
+    go, window, running = threading.Event(), threading.Event(), threading.Event()
     # widen the moment list_models() has emptied the list, so a generation let in too early would run in it
     monkeypatch.setattr(sd, "between_clear_and_refill", lambda: window.wait(0.2))
 
     def trains(cfg, job):
         job.start(0, 1)
+        running.set()
         go.wait(30)
         job.output(str(add_checkpoint(cfg.checkpoint_path(), f"{cfg.name}_1.safetensors")), "checkpoint")
         return SimpleNamespace(status="finished", step=1)
@@ -134,7 +135,7 @@ def test_a_generation_waiting_for_the_lock_never_sees_an_empty_list(webui, monke
     _fake_runner(monkeypatch, trains)
     c = client(started_app(webui, api=True))
     assert c.post("/dreambooth/v1/train", json=_config(webui, checkpoint=str(base))).status_code == 200
-    _wait(c, ("running",))
+    assert running.wait(30)
     generated = []
 
     def txt2img():  # modules/call_queue.py wrap_queued_call: the generation runs holding the lock
@@ -156,10 +157,11 @@ def test_the_refresh_button_does_not_wait_for_a_running_job(webui, monkeypatch):
     from dreambooth_ext.jobs import JobRunner
     from dreambooth_ext.ui.handlers import Handlers
 
-    release = threading.Event()
+    release, running = threading.Event(), threading.Event()
 
     def trains(cfg, job):
         job.start(0, 1)
+        running.set()
         release.wait(30)
         return SimpleNamespace(status="finished", step=1)
 
@@ -169,15 +171,14 @@ def test_the_refresh_button_does_not_wait_for_a_running_job(webui, monkeypatch):
     form = h.initial_form()
     form.update({"name": "busy", "concept1.instance_dir": str(webui.models), "concept1.instance_prompt": "a sks dog"})
     assert h.train(form).ok
-    while runner.current.snapshot().status != "running":
-        release.wait(0.01)
+    assert running.wait(30)
     answered = []
     button = threading.Thread(target=lambda: answered.append(h.refresh()))
     button.start()
     button.join(10)
     release.set()
     assert answered and answered[0] == webui.sd_models.checkpoint_tiles() and str(base)
-    runner.current.thread.join(10)
+    assert runner.current.wait(10)
 
 
 def test_the_tabs_dropdown_follows_a_title_that_gained_its_hash(webui):

@@ -1,10 +1,12 @@
 """The host of the standalone page (`./run.sh ui`): a local models folder and no WebUI around it.
 
 A tiny random-weight SD1 model is written into the checkpoint folder on first use, so someone
-without a GPU or a real checkpoint can try a whole training run on a CPU in a minute.
+without a GPU or a real checkpoint can try a whole training run on a CPU in a minute. `serve` builds
+the page (ui/standalone.py) for this host and serves it, as the WebUI does for its own host.
 """
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -14,6 +16,7 @@ from dreambooth_ext.host.base import Host
 log = logging.getLogger("dreambooth_ext.standalone")
 
 TINY_NAME = "tiny-sd1.safetensors"
+LOCAL_ADDRESSES = ("127.0.0.1", "localhost", "::1")
 CHECKPOINT_PATTERNS = ("*.safetensors", "*.ckpt")
 
 
@@ -69,3 +72,18 @@ class StandaloneHost(Host):
 
     def progress_end(self) -> None:
         log.info("training ended")
+
+
+def serve(models_dir: str = "models", host: str = "127.0.0.1", port: int = 7870,
+          block: bool = True, offer_tiny: bool = True) -> Optional[object]:
+    """Serve the page on host:port; returns the page when block=False (tests stop it with close())."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+    from dreambooth_ext.ui.standalone import build_page
+
+    # served beyond this machine: runs keep to the models folder, as in a WebUI started with --listen
+    web_host = StandaloneHost(models_dir, offer_tiny=offer_tiny, non_local=host not in LOCAL_ADDRESSES)
+    page = build_page(web_host)
+    print(f"DreamBooth: serving http://{host}:{port} (models folder {web_host.models_dir()})", flush=True)
+    page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, inbrowser=False,
+                show_api=False, allowed_paths=[str(web_host.models_dir())])
+    return page

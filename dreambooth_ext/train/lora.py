@@ -232,15 +232,3 @@ def load_lora_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> No
     if missing:
         raise ValueError(f"LoRA state lacks {len(missing)} adapted layers of the model, e.g. {missing[0]}")
     set_lora_weights(model, weights)
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Add every adapter's delta into its base weight and take the adapters out, in place."""
-    for path, layer in sorted(lora_layers(model).items(), key=lambda kv: -len(kv[0])):
-        layer.merge(adapter_names=[ADAPTER])
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, layer.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config  # set by peft at injection; a model without adapters should not claim any
-    return model

@@ -56,7 +56,7 @@ from torch import nn
 from dreambooth_ext.bridge.family_data import FAMILY_NAMES, load_family
 from dreambooth_ext.bridge.keymap_unet import RESNET_RENAMES, unet_module_map
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.lora import LoraWeights, adaptable_modules, get_lora_weights, merge_lora, set_lora_weights
+from dreambooth_ext.train.lora import LoraWeights, adaptable_modules, get_lora_weights, set_lora_weights
 
 UNET_PREFIX = "lora_unet_"
 PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -281,9 +281,3 @@ def apply_webui_lora(
             set_lora_weights(models[index], weights)
         except ValueError as e:  # a rank or shape that does not fit: a user's choice of file or settings
             raise UserError(f"This LoRA does not fit the model being trained: {e}. Use the rank of the earlier LoRA.") from e
-
-
-def merge_lora_into(unet: nn.Module, text_encoders: Sequence[nn.Module]) -> None:
-    """Bake every adapter into its base weight and remove the adapters, in place (deepcopy first to keep them)."""
-    for model in [unet] + list(text_encoders):
-        merge_lora(model)

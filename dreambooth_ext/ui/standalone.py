@@ -2,15 +2,12 @@
 
 The page renders the same Blocks the WebUI would, the way the WebUI does (`render()` inside its
 own Blocks), and adds what the WebUI otherwise brings: the extension's style.css and
-javascript/*.js.
+javascript/*.js. The host it is built for comes from its caller (`host/standalone.py` serves it).
 """
 
-import os
 from pathlib import Path
-from typing import Optional
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[2]
-LOCAL_ADDRESSES = ("127.0.0.1", "localhost", "::1")
 
 
 def page_css() -> str:
@@ -42,17 +39,3 @@ def build_page(host):
         compat.run_on_load(page, page_js())
     return compat.enable_queue(page)
 
-
-def serve(models_dir: str = "models", host: str = "127.0.0.1", port: int = 7870,
-          block: bool = True, offer_tiny: bool = True) -> Optional[object]:
-    """Serve the page on host:port; returns the page when block=False (tests stop it with close())."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
-    from dreambooth_ext.host.standalone import StandaloneHost
-
-    # served beyond this machine: runs keep to the models folder, as in a WebUI started with --listen
-    web_host = StandaloneHost(models_dir, offer_tiny=offer_tiny, non_local=host not in LOCAL_ADDRESSES)
-    page = build_page(web_host)
-    print(f"DreamBooth: serving http://{host}:{port} (models folder {web_host.models_dir()})", flush=True)
-    page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, inbrowser=False,
-                show_api=False, allowed_paths=[str(web_host.models_dir())])
-    return page
