@@ -18,7 +18,7 @@ from dreambooth_ext.train.config import Concept, TrainConfig
 from dreambooth_ext.train.images import list_images
 from dreambooth_ext.train.lora_export import load_webui_lora
 from dreambooth_ext.train.models import load_bundle
-from dreambooth_ext.train.reporter import RecordingReporter
+from tests.recording import RecordingReporter
 from dreambooth_ext.train.run import train
 
 DEMO = Path(__file__).resolve().parent.parent / "dreambooth_ext" / "data" / "demo" / "instance"

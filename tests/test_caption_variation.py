@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import dreambooth_ext.train.batches as batches
 from dreambooth_ext.train.caption_variation import shuffle_tags
-from dreambooth_ext.train.reporter import RecordingReporter
+from tests.recording import RecordingReporter
 from dreambooth_ext.train.run import train
 from tests.trainer_helpers import DEMO, small_config
 

@@ -3,7 +3,7 @@
 import json
 
 from dreambooth_ext.train.monitor import FILE, MonitorRecord, Point, closing_note, read_record
-from dreambooth_ext.train.reporter import RecordingReporter
+from tests.recording import RecordingReporter
 from dreambooth_ext.train.run import train
 from tests.learning_helpers import FULL, config
 

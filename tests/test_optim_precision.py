@@ -26,20 +26,14 @@ def _regression(seed=0):
     return torch.nn.Linear(4, 1), x, y
 
 
-def _train(model, opt, x, y, steps, sched=None, scaler=None):
+def _train(model, opt, x, y, steps, sched=None):
     losses, lrs = [], []
     for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.backward(loss)
-            scaler.unscale_(opt)
-            scaler.step(opt)
-            scaler.update()
+        loss.backward()
+        opt.step()
         if sched is not None:
             sched.step()
         losses.append(loss.item())
@@ -277,12 +271,6 @@ def test_unknown_optimizer_is_a_user_error():
         make_optimizer("sgd", [{"params": [p], "lr": 1.0}], device=CPU, **ADAM)
     assert optimizer_available("sgd", CPU)[0] is False
     assert optimizer_available("adamw", CPU) == (True, "") and optimizer_available("adafactor", CPU) == (True, "")
-
-
-def test_optimizer_names_match_the_config():
-    from dreambooth_ext.train.config import OPTIMIZERS, SCHEDULERS
-
-    assert set(optim.OPTIMIZER_NAMES) == set(OPTIMIZERS) and set(optim.SCHEDULER_NAMES) == set(SCHEDULERS)
 
 
 # ---------------------------------------------------------------------------------------------

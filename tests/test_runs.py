@@ -30,7 +30,7 @@ def test_keep_last_models_deletes_only_the_runs_own_older_saves(tiny_checkpoints
 
 
 def test_an_interrupted_run_writes_its_model_when_asked(tiny_checkpoints, tmp_path):
-    from dreambooth_ext.train.reporter import RecordingReporter
+    from tests.recording import RecordingReporter
 
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), train_mode="lora", max_steps=6,
                        save_model_on_interrupt=True, num_class_images=0, class_prompt="")

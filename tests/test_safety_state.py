@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.reporter import RecordingReporter
+from tests.recording import RecordingReporter
 from dreambooth_ext.train.run import train
 from tests.trainer_helpers import small_config
 

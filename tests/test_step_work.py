@@ -60,7 +60,7 @@ def _encodes(monkeypatch):
 
 def test_latents_are_encoded_in_batches_once_and_reused_from_disk_by_the_next_run(tiny_checkpoints, tmp_path,
                                                                                  monkeypatch):
-    from dreambooth_ext.train.reporter import RecordingReporter
+    from tests.recording import RecordingReporter
     from dreambooth_ext.train.run import train
 
     calls = _encodes(monkeypatch)

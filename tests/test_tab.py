@@ -4,7 +4,6 @@ Runs under gradio 3.41 (A1111) and 4.40 (Forge) alike.
 """
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -216,11 +215,9 @@ def test_status_text_and_plot():
 
 
 def _wait(runner, seconds=150):
-    deadline = time.time() + seconds
-    while not runner.current.done:
-        assert time.time() < deadline, runner.current.snapshot()
-        time.sleep(0.1)
-    return runner.current.snapshot()
+    job = runner.current
+    assert job.wait(seconds), job.snapshot()  # the job's end event, not a polling loop
+    return job.snapshot()
 
 
 def test_train_interrupt_resume_through_the_handlers(host):

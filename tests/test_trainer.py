@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.reporter import RecordingReporter
+from tests.recording import RecordingReporter
 from dreambooth_ext.train.run import train
 from tests.trainer_helpers import DEMO, TOKEN_PROMPT, small_config
 

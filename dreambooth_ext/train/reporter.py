@@ -1,8 +1,7 @@
 """How a run talks to whoever drives it: the CLI's progress bar, the tab's job, a test."""
 
 import logging
-import time
-from typing import List, Optional
+from typing import Optional
 
 from dreambooth_ext.errors import Cancelled  # noqa: F401 - re-exported: the trainer raises it
 
@@ -80,36 +79,3 @@ class ConsoleReporter(Reporter):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-# Test-only: its home is tests/recording.py. This copy goes once tests/test_trainer.py, test_safety_outputs.py
-# and test_safety_state.py import RecordingReporter from there (files other work is changing now).
-class RecordingReporter(Reporter):
-    """Keeps everything it is told: for tests and for the job runner's snapshots."""
-
-    def __init__(self, stop_at_step: Optional[int] = None):
-        self.stages: List[str] = []
-        self.losses: List[tuple] = []
-        self.samples: List[str] = []
-        self.outputs: List[tuple] = []
-        self.warnings: List[str] = []
-        self.stop_at_step = stop_at_step
-        self.started = time.time()
-
-    def stage(self, text, done=None, total=None):
-        self.stages.append(text if total is None else f"{text} {done}/{total}")
-
-    def progress(self, step, total, loss, lr):
-        self.losses.append((step, loss, lr))
-
-    def sample(self, path, prompt, seed, step):
-        self.samples.append(path)
-
-    def output(self, path, kind):
-        self.outputs.append((kind, path))
-
-    def warn(self, text):
-        self.warnings.append(text)
-
-    def should_stop(self):
-        return self.stop_at_step is not None and bool(self.losses) and self.losses[-1][0] >= self.stop_at_step
