@@ -116,7 +116,7 @@ class Bench:
 
 
 def api_rows(b: Bench):
-    from dreambooth_ext.host.folders import path_settings
+    from dreambooth_ext.folders import path_settings
     from dreambooth_ext.train.config import Concept, TrainConfig
 
     link = b.models / "data" / "link"

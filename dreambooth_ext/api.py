@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from dreambooth_ext import jobs
 from dreambooth_ext.bridge.tensor_io import SafetensorsSource, sniff_format
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.host.folders import apply_host_folders, check_paths
+from dreambooth_ext.folders import apply_host_folders, check_paths
 from dreambooth_ext.train.config import load_config
 from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.epochs import resolve_max_steps

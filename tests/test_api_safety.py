@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.host.folders import path_settings
+from dreambooth_ext.folders import path_settings
 from dreambooth_ext.train.config import Concept, TrainConfig, describe
 from tests.webui_fixtures import (_config, _fake_runner, _wait, add_checkpoint, client, started_app,  # noqa: F401
                                   webui)

@@ -10,7 +10,7 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 
-from dreambooth_ext.host.base import Host  # noqa: E402
+from dreambooth_ext.hostapi import Host  # noqa: E402
 from dreambooth_ext.jobs import JobRunner  # noqa: E402
 from dreambooth_ext.plot import loss_plot  # noqa: E402
 from dreambooth_ext.train.config import Concept, TrainConfig, describe, to_dict  # noqa: E402

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
-from dreambooth_ext.host.base import Host
+from dreambooth_ext.hostapi import Host
 
 log = logging.getLogger("dreambooth_ext.standalone")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.host.base import Host
+from dreambooth_ext.hostapi import Host
 
 T = TypeVar("T")
 

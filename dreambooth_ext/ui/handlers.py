@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.host.base import Host
-from dreambooth_ext.host.folders import apply_host_folders, check_paths, settings_file
+from dreambooth_ext.hostapi import Host
+from dreambooth_ext.folders import apply_host_folders, check_paths, settings_file
 from dreambooth_ext.jobs import RUNNER, JobRunner, JobState, check_host, host_hooks, status_text
 from dreambooth_ext.train.config import TrainConfig, load_config, save_config, to_dict
 from dreambooth_ext.train.config_checks import validate

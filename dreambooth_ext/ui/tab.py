@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import gradio as gr
 
-from dreambooth_ext.host.base import Host
+from dreambooth_ext.hostapi import Host
 from dreambooth_ext.plot import loss_plot
 from dreambooth_ext.train.config import FAMILIES, GROUPS
 from dreambooth_ext.train.memory import MEMORY_SETTINGS, form_memory_note

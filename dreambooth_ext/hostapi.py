@@ -1,4 +1,4 @@
-"""What the tab needs from its host. The WebUI adapter and the standalone host implement it."""
+"""What the tab, the API and the job runner need from a host; the WebUI adapter and the standalone host (host/) implement it."""
 
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, TypeVar
