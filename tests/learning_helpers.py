@@ -84,22 +84,39 @@ def known(bundle, unet, tes, references: Dict[str, torch.Tensor]) -> Dict[str, f
 @torch.no_grad()
 def add_webui_lora(bundle, unet, text_encoders, path: Path, multiplier: float = 1.0):
     """Add a written LoRA file's deltas to these modules as A1111's networks.py would place them."""
-    from tests.test_lora import a1111_resolve, webui_layers
+    from tests.webui_double.lora_networks import find_layer, lora_updown, network_layer_names
 
     sd = load_webui_lora(path)
-    modules, targets = webui_layers(bundle.family, bundle.unet, bundle.text_encoders)
+    modules, targets = network_layer_names(bundle.family, bundle.unet, bundle.text_encoders)
     models = [unet] + list(text_encoders)
     for name in {k.split(".", 1)[0] for k in sd}:
-        hit = a1111_resolve(name, modules, bundle.family.startswith("sd2"))
+        hit = find_layer(name, modules, bundle.family.startswith("sd2"))
         assert hit is not None, f"the WebUI would not load {name}"
         component, path_in_model = targets[hit[0]]
         weight = models[component].get_submodule(path_in_model).weight
         down, up = sd[f"{name}.lora_down.weight"].float(), sd[f"{name}.lora_up.weight"].float()
-        alpha = float(sd[f"{name}.alpha"])
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * alpha / down.shape[0]
+        delta = lora_updown(down, up, sd[f"{name}.alpha"], weight.shape)
         weight += multiplier * delta.to(weight.dtype)
 
 
 def instance_latents(base: Path, tmp: Path) -> torch.Tensor:
     bundle = load_bundle(base_folder(base, tmp))
     return image_latents(bundle, list_images(DEMO)[0], RES)
+
+
+def world(tmp: Path, base: Path):
+    """(tmp, base, the reference latents per prompt, how well the base knows each): a learning test's start."""
+    bundle = load_bundle(base_folder(base, tmp))
+    refs = {TOKEN: instance_latents(base, tmp), CLASS: drawn_latents(bundle, CLASS),
+            UNRELATED: drawn_latents(bundle, UNRELATED)}
+    return tmp, base, refs, known(bundle, bundle.unet, bundle.text_encoders, refs)
+
+
+def ratios(world, name: str, **overrides) -> Dict[str, float]:
+    """How well the model trained with `overrides` knows each prompt's references, as a share of the base's."""
+    tmp, base, refs, before = world
+    bundle, unet, tes = trained_modules(tmp / name, base, **overrides)
+    after = known(bundle, unet, tes, refs)
+    out = {p: after[p] / before[p] for p in refs}
+    print(name, {p: round(v, 3) for p, v in out.items()})
+    return out

@@ -20,20 +20,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, drawn_base):
-    tmp = tmp_path_factory.mktemp("learn-lora")
-    bundle = L.load_bundle(L.base_folder(drawn_base, tmp))
-    refs = {L.TOKEN: L.instance_latents(drawn_base, tmp), L.CLASS: L.drawn_latents(bundle, L.CLASS),
-            L.UNRELATED: L.drawn_latents(bundle, L.UNRELATED)}
-    return tmp, drawn_base, refs, L.known(bundle, bundle.unet, bundle.text_encoders, refs)
+    return L.world(tmp_path_factory.mktemp("learn-lora"), drawn_base)
 
 
-def ratios(world, name, **overrides):
-    tmp, base, refs, before = world
-    bundle, unet, tes = L.trained_modules(tmp / name, base, **overrides)
-    after = L.known(bundle, unet, tes, refs)
-    out = {p: after[p] / before[p] for p in refs}
-    print(name, {p: round(v, 3) for p, v in out.items()})
-    return out
+ratios = L.ratios
 
 
 def test_recommended_lora_learns_the_token_where_the_default_preset_barely_does(world):
