@@ -37,10 +37,6 @@ class TrainResult:
     best_step: Optional[int] = None  # the monitor's pick (see train/monitor.py); None when it did not run
 
 
-def _resumable_config(cfg: TrainConfig) -> dict:
-    return st.resumable_config(cfg)
-
-
 def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     """Train per `cfg`; UserError for bad input before any work, and nothing half-written in the models folder.
 
@@ -512,15 +508,15 @@ def _final_outputs(cfg, bundle, trainables, workspace, step, ema, reporter, stat
 
 def _save_state(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, progress):
     check_finite_weights(cfg, trainables, progress.step)
-    progress.config = _resumable_config(cfg)
+    progress.config = st.resumable_config(cfg)
     st.save_state(workspace, trainables.state(), optimizer, lr_scheduler, acc.scaler, ema, progress)
 
 
 def _resume(cfg, workspace, trainables, optimizer, lr_scheduler, acc, ema, reporter) -> st.Progress:
     saved = st.read_progress(workspace)
     if saved is None or saved.step == 0:
-        return st.Progress(config=_resumable_config(cfg))
-    changed = st.check_resumable(saved.config, _resumable_config(cfg))
+        return st.Progress(config=st.resumable_config(cfg))
+    changed = st.check_resumable(saved.config, st.resumable_config(cfg))
     if changed:
         raise UserError(f"A saved run of '{cfg.name}' at step {saved.step} used other settings ({', '.join(changed[:4])}); "
                         f"give the new run another name, or delete {st.state_dir(workspace)} to start afresh.")
