@@ -1,6 +1,7 @@
 """The trainer runs data-parallel under `accelerate launch` without code changes (two CPU processes here)."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,15 @@ from tests.trainer_helpers import CLASS_PROMPT, DEMO, TOKEN_PROMPT
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _launch(port: int, *module_args: str) -> subprocess.CompletedProcess:
+def _free_port() -> int:
+    """A port nothing listens on now (two suites on one machine must not share a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(*module_args: str) -> subprocess.CompletedProcess:
+    port = _free_port()
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -22,7 +31,7 @@ def _launch(port: int, *module_args: str) -> subprocess.CompletedProcess:
 
 
 def test_two_process_run_under_accelerate_launch(tiny_checkpoints, tmp_path):
-    proc = _launch(29517, "dreambooth_ext", "train", "--checkpoint", str(tiny_checkpoints("sd1")),
+    proc = _launch("dreambooth_ext", "train", "--checkpoint", str(tiny_checkpoints("sd1")),
                    "--instance-dir", str(DEMO), "--instance-prompt", TOKEN_PROMPT, "--class-prompt", CLASS_PROMPT,
                    "--num-class-images", "2", "--class-image-steps", "2", "--name", "ddp",
                    "--models-dir", str(tmp_path / "models"), "--steps", "4", "--resolution", "64", "--no-bucketing",
@@ -40,7 +49,7 @@ def test_two_process_run_under_accelerate_launch(tiny_checkpoints, tmp_path):
 
 def test_a_trained_text_encoder_stays_the_same_in_every_process(tiny_checkpoints, tmp_path):
     """Each process sees other batches; only a synchronised encoder ends identical everywhere (and trained)."""
-    proc = _launch(29518, "tests.ddp_worker", str(tiny_checkpoints("sd1")), str(tmp_path))
+    proc = _launch("tests.ddp_worker", str(tiny_checkpoints("sd1")), str(tmp_path))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     first, second = (load_file(str(tmp_path / f"te_{rank}.safetensors")) for rank in (0, 1))
