@@ -95,7 +95,7 @@ class Host:
 
     def cannot_make_class_images(self, cfg) -> Optional[str]:
         """Why class_image_generator = webui cannot work here (one sentence), or None when it can."""
-        from dreambooth_ext.jobs import NOT_IN_WEBUI
+        from dreambooth_ext.train.class_images import NOT_IN_WEBUI
 
         return NOT_IN_WEBUI
 

@@ -248,13 +248,13 @@ def _explain(e: Exception) -> str:
     return f"Training failed: {type(e).__name__}: {text}"
 
 
-NOT_IN_WEBUI = ("Setting 'class_image_generator' is 'webui', which works only inside the WebUI (it uses the WebUI's "
-                "own txt2img); set it to 'builtin' here.")
 
 
 def check_host(cfg, host) -> None:
     """Refuse, before the job starts or waits, what its host cannot do (the tab and the API call this)."""
     if getattr(cfg, "class_image_generator", "builtin") == "webui":
+        from dreambooth_ext.train.class_images import NOT_IN_WEBUI
+
         reason = host.cannot_make_class_images(cfg) if host is not None else NOT_IN_WEBUI
         if reason:
             raise UserError(reason)

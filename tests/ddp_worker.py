@@ -10,15 +10,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import dreambooth_ext.train.models as models
 from dreambooth_ext.train.run import train
-from tests.trainer_helpers import small_config
+from tests.trainer_helpers import capture_bundles, small_config
 
 
 def main(checkpoint: str, out: str) -> None:
-    bundles = []
-    load = models.load_bundle
-    models.load_bundle = lambda *a, **k: bundles.append(load(*a, **k)) or bundles[-1]
+    bundles = capture_bundles()
     cfg = small_config(Path(out), checkpoint, name="ddp_te", text_encoder_mode="full", text_encoder_lr=1e-3,
                        max_steps=4, gradient_accumulation_steps=2)
     train(cfg)

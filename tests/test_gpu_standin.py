@@ -16,7 +16,7 @@ from dreambooth_ext.train import lora as lora_lib
 from dreambooth_ext.train.placement import EMULATE_ENV, decide_placement
 from dreambooth_ext.train.run import train
 from tests.recording import RecordingReporter
-from tests.trainer_helpers import TOKEN_PROMPT, small_config
+from tests.trainer_helpers import TOKEN_PROMPT, capture_bundles, small_config
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -77,9 +77,7 @@ CASES = [
 def test_gpu_dtype_layout_trains_samples_and_saves(family, train_mode, te_mode, extra, tiny_checkpoints,
                                                    tmp_path, monkeypatch):
     monkeypatch.setenv(EMULATE_ENV, "bf16")
-    bundles = []
-    real_load = models.load_bundle
-    monkeypatch.setattr(models, "load_bundle", lambda *a, **k: bundles.append(real_load(*a, **k)) or bundles[-1])
+    bundles = capture_bundles(monkeypatch)
     cfg = small_config(tmp_path, tiny_checkpoints(family), train_mode=train_mode, text_encoder_mode=te_mode,
                        max_steps=2, sample_every=1, sample_steps=2, num_sample_images=1, use_ema=True, **extra)
     reporter = _DtypeWatch(bundles)

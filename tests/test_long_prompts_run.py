@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import dreambooth_ext.train.batches as batches
-import dreambooth_ext.train.models as models
 from dreambooth_ext.train.long_prompts import prompt_chunks
 from dreambooth_ext.train.run import train
-from tests.trainer_helpers import DEMO, small_config
+from tests.trainer_helpers import DEMO, capture_bundles, small_config
 
 LONG = " ".join(["red"] * 75 + ["blue"] * 40)
 
@@ -24,8 +23,8 @@ def _long_captions(tmp_path):
 
 
 def _record(monkeypatch):
-    seen, bundles = [], []
-    real_half, real_load = batches.MicroBatch._half, models.load_bundle
+    seen = []
+    real_half = batches.MicroBatch._half
 
     def half(self, *a, **k):  # each side's conditioning, as the UNet gets it
         out = real_half(self, *a, **k)
@@ -33,8 +32,7 @@ def _record(monkeypatch):
         return out
 
     monkeypatch.setattr(batches.MicroBatch, "_half", half)
-    monkeypatch.setattr(models, "load_bundle", lambda *a, **k: bundles.append(real_load(*a, **k)) or bundles[-1])
-    return seen, bundles
+    return seen, capture_bundles(monkeypatch)
 
 
 @pytest.mark.parametrize("family,emulate", [("sd1", ""), ("sdxl", ""), ("sd1", "bf16")])

@@ -176,7 +176,8 @@ def test_progress_bar_live_preview_and_skip_while_training(webui, monkeypatch, t
 
 def test_the_webui_generator_is_refused_where_it_cannot_work(webui, monkeypatch, tmp_path):
     from dreambooth_ext.host.standalone import StandaloneHost
-    from dreambooth_ext.jobs import NOT_IN_WEBUI, check_host
+    from dreambooth_ext.jobs import check_host
+    from dreambooth_ext.train.class_images import NOT_IN_WEBUI
     from dreambooth_ext.train.config import load_config
 
     _two_checkpoints(webui)
@@ -193,7 +194,7 @@ def test_the_webui_generator_is_refused_where_it_cannot_work(webui, monkeypatch,
 
 
 def test_the_cli_refuses_the_webui_generator_before_any_work(tiny_checkpoints, tmp_path):
-    from dreambooth_ext.jobs import NOT_IN_WEBUI
+    from dreambooth_ext.train.class_images import NOT_IN_WEBUI
     from dreambooth_ext.train.reporter import ConsoleReporter
     from dreambooth_ext.train.run import train
     from tests.trainer_helpers import small_config

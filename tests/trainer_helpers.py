@@ -19,3 +19,24 @@ def small_config(tmp_path, checkpoint, **overrides) -> TrainConfig:
                 save_dtype="fp32", seed=7)
     base.update(overrides)
     return TrainConfig(**base)
+
+
+
+def capture_bundles(monkeypatch=None) -> list:
+    """Every ModelBundle the trainer loads, in order (the one place that knows how a run loads its models).
+
+    Without monkeypatch (a worker process of its own), the hook stays for the process's life."""
+    import dreambooth_ext.train.run as run_module
+
+    bundles = []
+    real = run_module.load_bundle
+
+    def hook(*args, **kwargs):
+        bundles.append(real(*args, **kwargs))
+        return bundles[-1]
+
+    if monkeypatch is None:
+        run_module.load_bundle = hook
+    else:
+        monkeypatch.setattr(run_module, "load_bundle", hook)
+    return bundles

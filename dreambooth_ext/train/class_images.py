@@ -25,6 +25,9 @@ from dreambooth_ext.train.images import list_images
 from dreambooth_ext.train.inference import AutocastFactory, generate_images
 from dreambooth_ext.train.models import ModelBundle, make_pipeline
 
+NOT_IN_WEBUI = ("Setting 'class_image_generator' is 'webui', which works only inside the WebUI (it uses the WebUI's "
+                "own txt2img); set it to 'builtin' here.")
+
 Progress = Callable[[int, int, str], None]
 
 _GENERATED = re.compile(r"^class_(\d{5,})-([0-9a-f]{8})\.png$")
