@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.config import Concept, TrainConfig, describe
+from dreambooth_ext.train.config import Concept, TrainConfig, declared
 
 OUTSIDE = ("is outside the WebUI's models folder, the extension's folder and the data folders in "
            "Settings > DreamBooth; move it there or add its folder")
@@ -18,7 +18,7 @@ OUTSIDE = ("is outside the WebUI's models folder, the extension's folder and the
 
 def path_settings(cls=TrainConfig) -> List[str]:
     """Names of the settings of TrainConfig (or Concept) declared with path=True."""
-    return [s.name for s in describe(cls) if s.path]
+    return declared("path", cls)
 
 
 def apply_host_folders(data: Dict[str, Any], host) -> Dict[str, Any]:

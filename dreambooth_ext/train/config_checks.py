@@ -6,6 +6,7 @@ from dataclasses import fields
 from typing import Any, Dict, List
 
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.captions import has_filewords, without_filewords
 from dreambooth_ext.train.config import (
     Concept,
     FILEWORDS,
@@ -65,7 +66,7 @@ def _check_name(name: str) -> None:
 
 
 def _words(text: str) -> List[str]:
-    return re.findall(r"[\w]+", text.replace(FILEWORDS, " ").lower())
+    return re.findall(r"[\w]+", without_filewords(text).lower())
 
 
 def _looks_rare(word: str) -> bool:
@@ -104,10 +105,10 @@ def _concept_warnings(cfg: TrainConfig, c: Concept, i: int) -> List[str]:
     if not c.instance_prompt.strip() and c.caption_mode != "caption":
         raise UserError(f"Setting 'instance_prompt' of concept {i} is empty; give a prompt with the concept's token.")
     notes = _token_warnings(c, label)
-    if c.caption_mode == "filewords" and FILEWORDS not in c.instance_prompt:
+    if c.caption_mode == "filewords" and not has_filewords(c.instance_prompt):
         notes.append(f"{label} uses caption_mode 'filewords' but its instance prompt has no {FILEWORDS}, "
                      "so the captions are not used.")
-    if c.caption_mode == "prompt" and FILEWORDS in c.instance_prompt:
+    if c.caption_mode == "prompt" and has_filewords(c.instance_prompt):
         notes.append(f"{label}'s prompt has {FILEWORDS} but caption_mode is 'prompt', so it is dropped; "
                      "use caption_mode 'filewords' to fill it from the .txt files.")
     if not c.class_prompt.strip():

@@ -1,0 +1,110 @@
+"""Settings describe themselves: every list of setting names or values elsewhere comes from the declarations.
+
+A new setting declared with path=True or resumable=True, or a new choice, is picked up by the API's path
+check, by resume and by every module that checks a choice, without anyone listing it again.
+"""
+
+import argparse
+import dataclasses
+from typing import List
+
+import pytest
+
+from dreambooth_ext import cli
+from dreambooth_ext.folders import check_paths, path_settings
+from dreambooth_ext.errors import UserError
+from dreambooth_ext.train import captions, precision, state
+from dreambooth_ext.train.config import Concept, TrainConfig, choices_of, declared, describe, setting
+from dreambooth_ext.train.config_cli import add_arguments
+
+# What may change on resume: when to sample and save, where results go, memory and speed.
+RESUMABLE = {
+    "max_steps", "max_epochs", "sample_every", "sample_prompts", "sample_negative_prompt", "sample_seeds",
+    "num_sample_images", "sample_steps", "sample_guidance", "save_model_every", "save_state_every", "save_format",
+    "save_dtype", "save_lora_merged", "keep_last_models", "save_model_on_interrupt", "models_dir", "checkpoint_dir",
+    "lora_dir", "gradient_checkpointing", "attention", "cache_text_embeddings", "dataloader_workers",
+}
+
+
+def test_resume_keeps_the_settings_declared_resumable():
+    assert state.RESUMABLE_CHANGES == RESUMABLE == {s.name for s in describe(TrainConfig) if s.resumable}
+    assert state.CONCEPT_RESUMABLE_CHANGES == {"concept_sample_prompts"}
+    saved = state.resumable_config(TrainConfig(concepts=[Concept(instance_dir="d")]))
+    assert not RESUMABLE & set(saved) and "learning_rate" in saved
+    assert "concept_sample_prompts" not in saved["concepts"][0] and "instance_dir" in saved["concepts"][0]
+
+
+@dataclasses.dataclass
+class _Extended(TrainConfig):
+    """TrainConfig with two settings added the way any new one would be."""
+
+    preview_folder: str = setting("", "A folder the run writes previews to.", "samples", path=True, resumable=True)
+    preview_every: int = setting(0, "Previews every this many steps.", "samples", min=0, resumable=True)
+    new_rule: int = setting(0, "Changes what the steps compute.", "training", min=0)
+
+
+def test_a_new_setting_is_picked_up_from_its_declaration_alone():
+    assert "preview_folder" in path_settings(_Extended) and "preview_every" not in path_settings(_Extended)
+    assert {"preview_folder", "preview_every"} <= set(declared("resumable", _Extended))
+    saved = state.resumable_config(_Extended(preview_folder="a", preview_every=5, new_rule=1))
+    assert "preview_folder" not in saved and "preview_every" not in saved and saved["new_rule"] == 1
+
+
+def test_every_path_setting_is_checked_by_the_api(tmp_path):
+    inside = tmp_path / "inside"
+    data = {name: str(tmp_path / "elsewhere") for name in declared("path")}
+    for name in declared("path"):
+        with pytest.raises(UserError, match=f"'{name}'"):
+            check_paths({name: data[name]}, [inside])
+    for name in declared("path", Concept):
+        with pytest.raises(UserError, match=f"'{name} of concept 1'"):
+            check_paths({"concepts": [{name: str(tmp_path / "elsewhere")}]}, [inside])
+
+
+def test_choice_lists_come_from_the_declarations():
+    assert precision.PRECISIONS == choices_of("mixed_precision")
+    assert precision.ATTENTIONS == choices_of("attention")
+    assert captions.MODES == choices_of("caption_mode", Concept)
+    with pytest.raises(KeyError):
+        choices_of("max_steps")  # a setting without choices
+
+
+def _choices(parser: argparse.ArgumentParser, flag: str) -> List[str]:
+    for action in parser._actions:
+        if flag in action.option_strings:
+            return list(action.choices)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found = _choices(sub, flag)
+                if found:
+                    return found
+    return []
+
+
+@pytest.mark.parametrize("flag, name", [("--family", "family"), ("--dtype", "save_dtype")])
+def test_the_convert_command_offers_the_declared_choices(flag, name):
+    parser = cli.build_parser()
+    convert = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["convert"]
+    assert tuple(_choices(convert, flag)) == choices_of(name)
+
+
+def test_every_setting_with_choices_offers_them_on_the_command_line():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for s in describe(TrainConfig):
+        if s.choices:
+            assert _choices(parser, "--" + s.name.replace("_", "-")) == s.choices, s.name
+
+
+@pytest.mark.parametrize("prompt", ["a photo of sks [filewords]", "a photo of sks [FILEWORDS]",
+                                    "a photo of sks [Filewords]"])
+def test_filewords_is_read_in_any_case_by_the_checks_as_by_the_captions(prompt):
+    from dreambooth_ext.train.config_checks import validate
+
+    def config(mode):
+        concept = Concept(instance_dir="d", instance_prompt=prompt, caption_mode=mode)
+        return TrainConfig(checkpoint="m.safetensors", name="n", concepts=[concept])
+
+    assert captions.build_prompt(prompt, "red", "filewords") == "a photo of sks red"
+    assert not any("captions are not used" in w for w in validate(config("filewords")))
+    assert any("so it is dropped" in w for w in validate(config("prompt")))
