@@ -4,7 +4,7 @@ The CLI, a JSON config file and the gradio tab all read the same fields. A UI wa
 `describe()` (or `dataclasses.fields`) to build its form; nothing here imports gradio.
 
     cfg = load_config("cfg.json")          # or load_config({...}); coerces types, refuses unknown keys
-    warnings = validate(cfg)               # config_checks: raises UserError for the first hard error
+    cfg, warnings = validate(cfg)          # config_checks: a normalised copy; UserError for the first hard error
     save_config(cfg, "cfg.json")           # exact round trip
 
 Paths left empty get defaults from the models folder (see `workspace_path` and `class_path`):
