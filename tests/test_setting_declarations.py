@@ -6,13 +6,14 @@ check, by resume and by every module that checks a choice, without anyone listin
 
 import argparse
 import dataclasses
+import json
 from typing import List
 
 import pytest
 
 from dreambooth_ext import cli
-from dreambooth_ext.folders import check_paths, path_settings
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.folders import check_paths, path_settings
 from dreambooth_ext.train import captions, precision, state
 from dreambooth_ext.train.config import Concept, TrainConfig, choices_of, declared, describe, setting
 from dreambooth_ext.train.config_cli import add_arguments
@@ -22,7 +23,7 @@ RESUMABLE = {
     "max_steps", "max_epochs", "sample_every", "sample_prompts", "sample_negative_prompt", "sample_seeds",
     "num_sample_images", "sample_steps", "sample_guidance", "save_model_every", "save_state_every", "save_format",
     "save_dtype", "save_lora_merged", "keep_last_models", "save_model_on_interrupt", "models_dir", "checkpoint_dir",
-    "lora_dir", "gradient_checkpointing", "attention", "cache_text_embeddings", "dataloader_workers",
+    "lora_dir", "gradient_checkpointing", "attention", "cache_text_embeddings",
 }
 
 
@@ -108,3 +109,28 @@ def test_filewords_is_read_in_any_case_by_the_checks_as_by_the_captions(prompt):
     assert captions.build_prompt(prompt, "red", "filewords") == "a photo of sks red"
     assert not any("captions are not used" in w for w in validate(config("filewords")).warnings)
     assert any("so it is dropped" in w for w in validate(config("prompt")).warnings)
+
+
+# --- a retired setting ---------------------------------------------------------------------------
+
+def test_a_saved_config_with_the_retired_dataloader_workers_still_loads(tmp_path):
+    from dreambooth_ext.train.config import load_config, to_dict
+
+    assert "dataloader_workers" not in {s.name for s in describe(TrainConfig)}
+    saved = {**to_dict(TrainConfig(name="old", max_steps=7)), "dataloader_workers": 4}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(saved), encoding="utf-8")
+    assert load_config(path) == load_config(saved) == TrainConfig(name="old", max_steps=7)
+    assert load_config({"dataloader-workers": 2}) == TrainConfig()  # the CLI spelling too
+    with pytest.raises(UserError, match="Unknown setting .dataloader_workers. in concept 1"):
+        load_config({"concepts": [{"instance_dir": "d", "dataloader_workers": 2}]})  # never a concept's
+    with pytest.raises(UserError, match="Unknown setting 'dataloader_worker'"):
+        load_config({"dataloader_worker": 2})  # other unknown keys are still refused
+
+
+def test_an_old_state_holding_dataloader_workers_still_resumes():
+    cfg = TrainConfig(name="old", concepts=[Concept(instance_dir="d")])
+    current = state.resumable_config(cfg)
+    assert "dataloader_workers" not in current
+    assert state.check_resumable({**current, "dataloader_workers": 2}, current) == []
+    assert state.check_resumable({**current, "learning_rate": 1.0}, current) == ["learning_rate"]

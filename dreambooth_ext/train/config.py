@@ -35,6 +35,8 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 LORA_TARGETS = ("attention", "attention_ff", "attention_ff_conv")
 CAPTION_MODES = ("prompt", "filewords", "caption")
 FILEWORDS = "[filewords]"
+# settings that once existed: a saved config or training state that holds one still loads, the value ignored
+RETIRED = frozenset({"dataloader_workers"})  # read by nothing: images are read in the main process
 
 
 def setting(default: Any, help: str, group: str, *, min: Optional[float] = None, max: Optional[float] = None,
@@ -238,9 +240,6 @@ class TrainConfig:
                                   "(much faster, little memory).", "memory & speed")
     cache_text_embeddings: bool = setting(True, "Encode each prompt once; only while the text encoder is frozen.",
                                           "memory & speed", resumable=True)
-    dataloader_workers: int = setting(0, "Worker processes loading images (0 = in the main process; "
-                                      "enough when latents are cached).", "memory & speed", min=0, max=32,
-                                      resumable=True)
 
     # samples
     sample_every: int = setting(0, "Generate samples every this many steps (0 = off; 200 is a good value).",
@@ -452,6 +451,8 @@ def from_dict(cls, data: Any, where: str):
     kwargs = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")  # accept CLI spelling in files too
+        if cls is TrainConfig and name in RETIRED:
+            continue
         if name not in names:
             raise _unknown_key(str(key), cls, where)
         label = f"'{name}' in {where}" if cls is TrainConfig else f"'{name}' of {where}"
@@ -465,7 +466,8 @@ def to_dict(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 def load_config(source: Union[str, os.PathLike, Dict[str, Any], TrainConfig]) -> TrainConfig:
-    """A TrainConfig from a JSON file or a dict; types are coerced, unknown keys refused. Not range-checked: see validate."""
+    """A TrainConfig from a JSON file or a dict; types are coerced, unknown keys refused (retired ones ignored).
+    Not range-checked: see validate."""
     if isinstance(source, (dict, TrainConfig)):
         return from_dict(TrainConfig, source, "the config")
     path = Path(source)

@@ -15,7 +15,7 @@ import torch
 
 from dreambooth_ext.bridge.tensor_io import atomic_path
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.config import Concept, TrainConfig, declared, to_dict
+from dreambooth_ext.train.config import RETIRED, Concept, TrainConfig, declared, to_dict
 
 # settings that may change between an interrupted run and its resumption: declared with resumable=True
 RESUMABLE_CHANGES = frozenset(declared("resumable", TrainConfig))
@@ -92,7 +92,8 @@ def read_progress(workspace: Path) -> Optional[Progress]:
 
 def check_resumable(saved: Dict, current: Dict) -> List[str]:
     """Settings that differ from the saved run in a way that would change its result."""
-    return sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    ignored = RESUMABLE_CHANGES | RETIRED  # a state saved before a setting was retired may still hold it
+    return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
 
 
 def load_state(workspace: Path):
