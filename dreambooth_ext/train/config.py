@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.optimizer_kinds import NAMES as OPTIMIZERS
 
 GROUPS = ("model", "concepts", "class images", "training", "optimizer", "lora", "text encoder",
           "memory & speed", "samples", "saving")
 
 FAMILIES = ("auto", "sd1", "sd2", "sd2-v", "sdxl")
-OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "adafactor", "prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LORA_TARGETS = ("attention", "attention_ff", "attention_ff_conv")
 CAPTION_MODES = ("prompt", "filewords", "caption")

@@ -26,6 +26,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from dreambooth_ext.train.optimizer_kinds import KINDS as OPTIMIZER_KINDS
+
 # Expected error of the activation part (the CPU calibration's spread; until the GPU check measures it),
 # and of the rest (weights, gradients, states: exact counts, but allocator rounding and small buffers).
 EXPECTED_ERROR = 0.2
@@ -37,8 +39,8 @@ MEMORY_SETTINGS = ("checkpoint", "family", "train_mode", "text_encoder_mode", "o
                    "cache_text_embeddings", "use_ema", "lora_rank", "lora_targets", "sample_every")
 
 GB = 1024**3
-# Optimizer state bytes per trained parameter.
-OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "adafactor": 0.1, "prodigy": 16.0}
+# Optimizer state bytes per trained parameter, as each optimizer declares it.
+OPTIMIZER_BYTES = {kind.name: kind.state_bytes for kind in OPTIMIZER_KINDS}
 # Activation bytes kept per channel and latent pixel, under bf16 autocast (fp32 doubles them).
 # Measured on SD1.5's ResnetBlock2D and Transformer2DModel (bench/memory_calibrate.py prints them).
 ACTIVATION_BYTES = {

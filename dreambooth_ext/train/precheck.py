@@ -55,15 +55,14 @@ def _check_name_length(name: str) -> None:
 
 
 def _check_device_settings(cfg) -> None:
-    from dreambooth_ext.train.optim import optimizer_available
+    from dreambooth_ext.train.optim import optimizer_available, refusal
     from dreambooth_ext.train.precision import check_attention, pick_device
 
     device = pick_device()
     check_attention(cfg.attention, device)
     usable, why = optimizer_available(cfg.optimizer, device)
     if not usable:
-        raise UserError(f"Setting 'optimizer' is {cfg.optimizer}, which cannot run here ({why}); "
-                        "choose adamw or adafactor.")
+        raise UserError(refusal(cfg.optimizer, why))
 
 
 def _checkpoint_family(cfg) -> Optional[dict]:
