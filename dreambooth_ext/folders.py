@@ -12,6 +12,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.config import Concept, TrainConfig, declared
 
+# the settings naming where results go, which the host fills from its own folders (the Host method of the same name)
+HOST_FOLDERS = ("models_dir", "checkpoint_dir", "lora_dir")
 OUTSIDE = ("is outside the WebUI's models folder, the extension's folder and the data folders in "
            "Settings > DreamBooth; move it there or add its folder")
 
@@ -24,8 +26,8 @@ def path_settings(cls=TrainConfig) -> List[str]:
 def apply_host_folders(data: Dict[str, Any], host) -> Dict[str, Any]:
     """A copy of a config dict with the host's folders wherever the config leaves them empty."""
     out = dict(data)
-    for key, folder in (("models_dir", host.models_dir()), ("checkpoint_dir", host.checkpoint_dir()),
-                        ("lora_dir", host.lora_dir())):
+    for key in HOST_FOLDERS:
+        folder = getattr(host, key)()
         if not out.get(key):
             out[key] = str(folder)
     root = host.workspace_root()

@@ -134,3 +134,16 @@ def test_an_old_state_holding_dataloader_workers_still_resumes():
     assert "dataloader_workers" not in current
     assert state.check_resumable({**current, "dataloader_workers": 2}, current) == []
     assert state.check_resumable({**current, "learning_rate": 1.0}, current) == ["learning_rate"]
+
+
+def test_the_host_fills_the_folders_the_form_leaves_out():
+    from dreambooth_ext.folders import HOST_FOLDERS, apply_host_folders
+    from dreambooth_ext.ui.form import HOST_SETTINGS, top_settings
+
+    class Host:
+        def __getattr__(self, name):
+            return lambda: None if name == "workspace_root" else f"/host/{name}"
+
+    assert HOST_SETTINGS == HOST_FOLDERS and set(HOST_FOLDERS) <= set(declared("path"))
+    assert apply_host_folders({}, Host()) == {key: f"/host/{key}" for key in HOST_FOLDERS}
+    assert not set(HOST_FOLDERS) & {s.name for s in top_settings()}
