@@ -147,3 +147,15 @@ def test_the_host_fills_the_folders_the_form_leaves_out():
     assert HOST_SETTINGS == HOST_FOLDERS and set(HOST_FOLDERS) <= set(declared("path"))
     assert apply_host_folders({}, Host()) == {key: f"/host/{key}" for key in HOST_FOLDERS}
     assert not set(HOST_FOLDERS) & {s.name for s in top_settings()}
+
+
+def test_tables_keyed_by_a_settings_choices_cover_exactly_those_choices():
+    """Tables that must hold one entry per choice (they are data, not lists to keep in step by hand)."""
+    from dreambooth_ext.train.lora import UNET_PRESETS
+    from dreambooth_ext.train.memory import PARAMETERS
+
+    assert tuple(UNET_PRESETS) == choices_of("lora_targets")
+    families = [f for f in choices_of("family") if f != "auto"]
+    assert sorted(PARAMETERS) == sorted(families)
+    for family in families:
+        assert set(choices_of("lora_targets")) <= set(PARAMETERS[family])
