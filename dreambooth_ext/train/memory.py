@@ -37,6 +37,7 @@ REST_ERROR = 0.05
 MEMORY_SETTINGS = ("checkpoint", "family", "train_mode", "text_encoder_mode", "optimizer", "mixed_precision",
                    "resolution", "train_batch_size", "prior_loss_weight", "gradient_checkpointing", "cache_latents",
                    "cache_text_embeddings", "use_ema", "lora_rank", "lora_targets", "sample_every")
+MEMORY_CONCEPT_SETTINGS = ("class_prompt", "num_class_images")  # of each concept: prior preservation doubles the batch
 
 GB = 1024**3
 # Optimizer state bytes per trained parameter, as each optimizer declares it.
@@ -282,8 +283,9 @@ def form_memory_note(form: dict, checkpoint_path: str, gpu_gb: Optional[float]) 
     """The tab's line beside Train, from the form's values (setting name -> value; concepts may be incomplete)."""
     try:
         fam = family_of(checkpoint_path, str(form.get("family") or "auto"))
-        prior = float(form.get("prior_loss_weight") or 0) > 0 and any(
-            str(v).strip() for k, v in form.items() if k.endswith(".class_prompt"))
+        prior = float(form.get("prior_loss_weight") or 0) > 0 and any(  # as settings_from_config counts it
+            str(v).strip() and float(form.get(k[:-len("class_prompt")] + "num_class_images", 100) or 0) > 0
+            for k, v in form.items() if k.endswith(".class_prompt"))
         mp = str(form.get("mixed_precision") or "auto")
         s = MemorySettings(
             family=fam, train_mode=str(form.get("train_mode", "lora")),
