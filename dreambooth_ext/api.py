@@ -87,8 +87,7 @@ def prepare_config(body: dict, host, roots: List[Path]):
     if isinstance(checkpoint, str) and checkpoint:  # a checkpoint may be named by its dropdown title
         body["checkpoint"] = host.checkpoint_file(checkpoint) or checkpoint
     check_paths(body, roots, [path for _title, path in host.list_checkpoints()])
-    cfg = load_config(body)
-    warnings = validate(cfg)
+    cfg, warnings = validate(load_config(body))
     return resolve_max_steps(cfg), warnings  # max_epochs: the step count the run will have
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from dreambooth_ext.errors import UserError
-
-FAMILIES = ["auto", "sd1", "sd2", "sd2-v", "sdxl"]
+from dreambooth_ext.train.config import FAMILIES, choices_of
 
 
 def _convert(args) -> int:
@@ -91,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="a folder (from a file), or a .safetensors/.ckpt path (from a folder)")
     conv.add_argument("--family", choices=FAMILIES, default="auto",
                       help="model family; SD2 weights cannot tell epsilon from v-prediction: use sd2-v for 768-v models")
-    conv.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="cast float weights (default: keep)")
+    conv.add_argument("--dtype", choices=choices_of("save_dtype"), default=None, help="cast float weights (default: keep)")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     conv.set_defaults(run=_convert)
 

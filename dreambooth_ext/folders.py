@@ -10,22 +10,24 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.config import Concept, TrainConfig, describe
+from dreambooth_ext.train.config import Concept, TrainConfig, declared
 
+# the settings naming where results go, which the host fills from its own folders (the Host method of the same name)
+HOST_FOLDERS = ("models_dir", "checkpoint_dir", "lora_dir")
 OUTSIDE = ("is outside the WebUI's models folder, the extension's folder and the data folders in "
            "Settings > DreamBooth; move it there or add its folder")
 
 
 def path_settings(cls=TrainConfig) -> List[str]:
     """Names of the settings of TrainConfig (or Concept) declared with path=True."""
-    return [s.name for s in describe(cls) if s.path]
+    return declared("path", cls)
 
 
 def apply_host_folders(data: Dict[str, Any], host) -> Dict[str, Any]:
     """A copy of a config dict with the host's folders wherever the config leaves them empty."""
     out = dict(data)
-    for key, folder in (("models_dir", host.models_dir()), ("checkpoint_dir", host.checkpoint_dir()),
-                        ("lora_dir", host.lora_dir())):
+    for key in HOST_FOLDERS:
+        folder = getattr(host, key)()
         if not out.get(key):
             out[key] = str(folder)
     root = host.workspace_root()

@@ -87,3 +87,35 @@ def test_goals_as_estimated():
     sdxl = MemorySettings(family="sdxl", train_mode="lora", resolution=1024, gradient_checkpointing=True)
     assert _gb(**dataclasses.asdict(sdxl)) <= 10
     assert estimate_memory(sdxl).total < 10 * GB
+
+
+def test_the_tab_refreshes_on_every_setting_the_estimate_reads():
+    """MEMORY_SETTINGS (and each concept's MEMORY_CONCEPT_SETTINGS) name all that settings_from_config reads."""
+    from dreambooth_ext.train.config import Concept, TrainConfig
+    from dreambooth_ext.train.memory import MEMORY_CONCEPT_SETTINGS, MEMORY_SETTINGS, settings_from_config
+
+    class Reading:
+        def __init__(self, obj, seen):
+            self._obj, self._seen = obj, seen
+
+        def __getattr__(self, name):
+            self._seen.add(name)
+            value = getattr(self._obj, name)
+            return [Reading(c, concept_seen) for c in value] if name == "concepts" else value
+
+    seen, concept_seen = set(), set()
+    cfg = TrainConfig(prior_loss_weight=1.0, concepts=[Concept(class_prompt="a dog")])
+    settings_from_config(Reading(cfg, seen))
+    assert seen - {"concepts"} <= set(MEMORY_SETTINGS)
+    assert concept_seen <= set(MEMORY_CONCEPT_SETTINGS) and concept_seen
+
+
+def test_the_tabs_estimate_counts_prior_preservation_as_the_configs_does():
+    from dreambooth_ext.train.config import Concept, TrainConfig
+    from dreambooth_ext.train.memory import estimate_for_config
+
+    form = {"train_mode": "lora", "resolution": 512, "prior_loss_weight": 1.0, "concept1.class_prompt": "a dog"}
+    for count in (0, 20):
+        cfg = TrainConfig(train_mode="lora", concepts=[Concept(class_prompt="a dog", num_class_images=count)])
+        note = form_memory_note({**form, "concept1.num_class_images": count}, "", None)
+        assert f"~{estimate_for_config(cfg).total_gb:.1f} GB" in note, (count, note)

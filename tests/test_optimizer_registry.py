@@ -62,3 +62,32 @@ def test_a_name_the_config_does_not_offer_is_refused():
     with pytest.raises(UserError, match="'optimizer'") as err:
         make_optimizer("sgd", [{"params": [weight], "lr": 1.0}], device=DEVICE, **ADAM)
     assert all(choice in str(err.value) for choice in OFFERED)
+
+
+def test_one_declaration_per_optimizer_feeds_the_config_the_builder_and_the_memory_estimate():
+    from dreambooth_ext.train.memory import OPTIMIZER_BYTES
+    from dreambooth_ext.train.optim import BUILDERS
+    from dreambooth_ext.train.optimizer_kinds import KINDS
+
+    names = tuple(kind.name for kind in KINDS)
+    assert tuple(OFFERED) == names  # what the tab, the CLI and the API offer
+    assert set(BUILDERS) == set(names)  # each one is built here
+    assert set(OPTIMIZER_BYTES) == set(names)  # and its state counted in the memory estimate
+    assert all(kind.label and kind.remedy and "adamw" in kind.remedy for kind in KINDS)
+
+
+def test_the_checks_before_a_run_refuse_with_the_builders_sentence(monkeypatch):
+    """precheck and make_optimizer give one sentence for an optimizer that cannot run here."""
+    import sys
+
+    from dreambooth_ext.train import precheck, precision
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)
+    monkeypatch.setattr(precision, "pick_device", lambda prefer=None: torch.device("cpu"))
+    cfg = TrainConfig(optimizer="prodigy", attention="sdpa")
+    with pytest.raises(UserError) as checked:
+        precheck._check_device_settings(cfg)
+    weight = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(UserError) as built:
+        make_optimizer("prodigy", [{"params": [weight], "lr": 1.0}], device="cpu", **ADAM)
+    assert str(checked.value) == str(built.value) and "pip install prodigyopt" in str(built.value)

@@ -98,7 +98,7 @@ def odd_config() -> TrainConfig:
         init_lora="/l/start.safetensors", text_encoder_mode="lora", text_encoder_lr=2e-6,
         text_encoder_lora_lr=1e-5, text_encoder_stop_step=100, max_prompt_tokens=150, clip_skip=2,
         mixed_precision="bf16", attention="sdpa",
-        gradient_checkpointing=True, cache_latents=False, cache_text_embeddings=False, dataloader_workers=2,
+        gradient_checkpointing=True, cache_latents=False, cache_text_embeddings=False,
         sample_every=50, sample_prompts=["a sks0 dog on a beach", "a sks1 dog, oil painting"],
         sample_negative_prompt="ugly", sample_seeds=[1, 2, 3], num_sample_images=3, sample_steps=12,
         sample_guidance=6.0, save_model_every=500, save_state_every=250, save_format="ckpt", save_dtype="bf16",

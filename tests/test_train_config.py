@@ -106,7 +106,7 @@ def test_broken_json_file_is_one_sentence(tmp_path):
 # --- validation ------------------------------------------------------------------------------
 
 def test_good_config_validates_without_warnings():
-    assert validate(good_config()) == []
+    assert validate(good_config()).warnings == []
 
 
 @pytest.mark.parametrize("change, setting", [
@@ -161,16 +161,19 @@ def test_choice_error_suggests_closest():
         validate(good_config(optimizer="adamw_8bit"))
 
 
-def test_validate_normalises_types():
+def test_validate_gives_a_normalised_copy():
     cfg = good_config(max_steps=10.0, hflip="true")
-    validate(cfg)
-    assert type(cfg.max_steps) is int and cfg.hflip is True
+    cfg.concepts = [dataclasses.asdict(cfg.concepts[0])]
+    checked, warnings = validate(cfg)
+    assert type(checked.max_steps) is int and checked.hflip is True and isinstance(checked.concepts[0], Concept)
+    assert (cfg.max_steps, cfg.hflip, type(cfg.concepts[0])) == (10.0, "true", dict)  # the given one is unchanged
+    assert validate(checked) == (checked, warnings)  # and a checked config checks the same
 
 
 def test_trained_text_encoder_turns_embedding_cache_off():
     cfg = good_config(text_encoder_mode="full", cache_text_embeddings=True)
-    warnings = validate(cfg)
-    assert cfg.cache_text_embeddings is False
+    checked, warnings = validate(cfg)
+    assert checked.cache_text_embeddings is False and cfg.cache_text_embeddings is True
     assert any("cache_text_embeddings" in w for w in warnings)
 
 
@@ -188,7 +191,7 @@ def test_trained_text_encoder_turns_embedding_cache_off():
 def test_token_warnings(prompt, class_prompt, token, expect):
     cfg = good_config(prior_loss_weight=0.0 if not class_prompt else 1.0)
     cfg.concepts[0] = Concept(instance_dir="d", instance_prompt=prompt, class_prompt=class_prompt, instance_token=token)
-    warnings = [w for w in validate(cfg) if "token" in w or "word" in w]
+    warnings = [w for w in validate(cfg).warnings if "token" in w or "word" in w]
     if expect is None:
         assert warnings == []
     else:
@@ -198,19 +201,19 @@ def test_token_warnings(prompt, class_prompt, token, expect):
 def test_prior_preservation_warnings():
     cfg = good_config()
     cfg.concepts[0].class_prompt = ""
-    assert any("no class prompt, so prior preservation is off" in w for w in validate(cfg))
+    assert any("no class prompt, so prior preservation is off" in w for w in validate(cfg).warnings)
     cfg = good_config()
     cfg.concepts[0].num_class_images = 0
-    assert any("num_class_images 0" in w for w in validate(cfg))
-    assert any("prior_loss_weight is 0" in w for w in validate(good_config(prior_loss_weight=0.0)))
+    assert any("num_class_images 0" in w for w in validate(cfg).warnings)
+    assert any("prior_loss_weight is 0" in w for w in validate(good_config(prior_loss_weight=0.0)).warnings)
 
 
 def test_caption_modes():
     cfg = good_config()
     cfg.concepts[0].caption_mode = "filewords"
-    assert any("captions are not used" in w for w in validate(cfg))
+    assert any("captions are not used" in w for w in validate(cfg).warnings)
     cfg.concepts[0] = Concept(instance_dir="d", instance_prompt="", caption_mode="caption", class_prompt="a dog")
-    assert validate(cfg) == []
+    assert validate(cfg).warnings == []
 
 
 def test_default_paths():
@@ -273,7 +276,7 @@ def test_cli_single_concept_flags_build_a_config():
                                     class_prompt="a pixar-style character", num_class_images=10)]
     assert (cfg.models_dir, cfg.resolution, cfg.max_steps, cfg.learning_rate) == ("out/models", 256, 20, 1e-3)
     assert cfg.gradient_checkpointing is True
-    assert validate(cfg) == []
+    assert validate(cfg).warnings == []
 
 
 def test_cli_without_flags_gives_defaults_and_help_renders():
@@ -294,7 +297,7 @@ def test_recommended_gives_valid_settings(family, mode, vram):
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(overrides) <= names
     cfg = load_config({**to_dict(good_config(family=family)), **overrides})
-    warnings = validate(cfg)
+    _, warnings = validate(cfg)
     assert not any("cache_text_embeddings turned off" in w for w in warnings)
 
 

@@ -12,10 +12,20 @@ from pathlib import Path
 from typing import Optional
 
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.config import FILEWORDS, Concept, choices_of
 
-MODES = ("prompt", "filewords", "caption")
-FILEWORDS = "[filewords]"
+MODES = choices_of("caption_mode", Concept)
 _FILEWORDS_RE = re.compile(re.escape(FILEWORDS), re.IGNORECASE)
+
+
+def has_filewords(template: str) -> bool:
+    """Whether a prompt template holds the [filewords] word (in any case, as build_prompt reads it)."""
+    return bool(_FILEWORDS_RE.search(template))
+
+
+def without_filewords(template: str) -> str:
+    """The template with every [filewords] word replaced by a space."""
+    return _FILEWORDS_RE.sub(" ", template)
 
 
 def caption_path(image_path) -> Path:

@@ -4,7 +4,7 @@ The CLI, a JSON config file and the gradio tab all read the same fields. A UI wa
 `describe()` (or `dataclasses.fields`) to build its form; nothing here imports gradio.
 
     cfg = load_config("cfg.json")          # or load_config({...}); coerces types, refuses unknown keys
-    warnings = validate(cfg)               # config_checks: raises UserError for the first hard error
+    cfg, warnings = validate(cfg)          # config_checks: a normalised copy; UserError for the first hard error
     save_config(cfg, "cfg.json")           # exact round trip
 
 Paths left empty get defaults from the models folder (see `workspace_path` and `class_path`):
@@ -25,26 +25,35 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.optimizer_kinds import NAMES as OPTIMIZERS
 
 GROUPS = ("model", "concepts", "class images", "training", "optimizer", "lora", "text encoder",
           "memory & speed", "samples", "saving")
 
 FAMILIES = ("auto", "sd1", "sd2", "sd2-v", "sdxl")
-OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "adafactor", "prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LORA_TARGETS = ("attention", "attention_ff", "attention_ff_conv")
 CAPTION_MODES = ("prompt", "filewords", "caption")
 FILEWORDS = "[filewords]"
+# settings that once existed: a saved config or training state that holds one still loads, the value ignored
+RETIRED = frozenset({"dataloader_workers"})  # read by nothing: images are read in the main process
 
 
 def setting(default: Any, help: str, group: str, *, min: Optional[float] = None, max: Optional[float] = None,
-            choices: Optional[typing.Sequence[str]] = None, multiple_of: Optional[int] = None, path: bool = False):
+            choices: Optional[typing.Sequence[str]] = None, multiple_of: Optional[int] = None, path: bool = False,
+            resumable: bool = False):
     """A dataclass field carrying what a CLI or a form needs to show and check it.
 
+    Every user of a setting reads these from the declaration (`choices_of`, `declared`), so a new
+    setting is offered, checked and kept on resume without anyone listing it again:
+    choices: the values allowed (the CLI's and the form's choices, the checks' message).
     path=True: the value names a file or folder the run reads or writes (the API keeps those inside the
-    host's folders, so a new path setting is checked without anyone listing it again)."""
+    host's folders).
+    resumable=True: the value may change between an interrupted run and its resumption, as it does not
+    change what the steps compute (when to sample or save, where results go, memory and speed)."""
     meta = {"help": help, "group": group, "min": min, "max": max,
-            "choices": list(choices) if choices else None, "multiple_of": multiple_of, "path": path}
+            "choices": list(choices) if choices else None, "multiple_of": multiple_of, "path": path,
+            "resumable": resumable}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -81,7 +90,8 @@ class Concept:
     class_negative_prompt: str = setting("", "Negative prompt for this concept's class images (empty = the run's "
                                          "class image negative prompt).", "class images")
     concept_sample_prompts: List[str] = setting(
-        [], "Sample prompts of this concept, sampled after its instance prompt along with the run's own.", "samples")
+        [], "Sample prompts of this concept, sampled after its instance prompt along with the run's own.", "samples",
+        resumable=True)
 
 
 @dataclass
@@ -94,12 +104,13 @@ class TrainConfig:
     name: str = setting("", "Name of the new model; files are written as NAME_<step>.safetensors.", "model")
     models_dir: str = setting(
         "models", "The WebUI's models folder; checkpoints go to its Stable-diffusion/, LoRAs to its Lora/.", "model",
-        path=True)
+        path=True, resumable=True)
     checkpoint_dir: str = setting(
         "", "Where new checkpoints go (empty: MODELS_DIR/Stable-diffusion; the WebUI passes its --ckpt-dir).", "model",
-        path=True)
+        path=True, resumable=True)
     lora_dir: str = setting(
-        "", "Where new LoRA files go (empty: MODELS_DIR/Lora; the WebUI passes its --lora-dir).", "model", path=True)
+        "", "Where new LoRA files go (empty: MODELS_DIR/Lora; the WebUI passes its --lora-dir).", "model", path=True,
+        resumable=True)
     workspace_dir: str = setting(
         "", "Folder for class images, samples and resumable state (empty: MODELS_DIR/dreambooth/NAME).", "model",
         path=True)
@@ -129,10 +140,10 @@ class TrainConfig:
     resolution: int = setting(512, "Training resolution in pixels (SD1 and SD2 512, SD2 768-v 768, SDXL 1024).",
                               "training", min=64, max=4096, multiple_of=8)
     max_steps: int = setting(800, "Optimizer steps to train; about 100-200 per instance image is typical.",
-                             "training", min=1, max=1_000_000)
+                             "training", min=1, max=1_000_000, resumable=True)
     max_epochs: int = setting(
         0, "Train this many epochs instead of max_steps (one epoch = every instance image once; the tab shows "
-        "the steps per epoch); 0 = use max_steps.", "training", min=0, max=100_000)
+        "the steps per epoch); 0 = use max_steps.", "training", min=0, max=100_000, resumable=True)
     train_batch_size: int = setting(1, "Images per step (instance and class images are each this many).",
                                     "training", min=1, max=64)
     gradient_accumulation_steps: int = setting(
@@ -222,48 +233,46 @@ class TrainConfig:
     mixed_precision: str = setting("auto", "auto: bf16 where the GPU supports it, else fp16 with loss scaling; "
                                    "fp32 on a CPU.", "memory & speed", choices=("auto", "no", "fp16", "bf16"))
     attention: str = setting("auto", "auto: xformers when importable on CUDA, else PyTorch SDPA.", "memory & speed",
-                             choices=("auto", "xformers", "sdpa", "default"))
+                             choices=("auto", "xformers", "sdpa", "default"), resumable=True)
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: much less memory, "
-                                           "about 25% slower.", "memory & speed")
+                                           "about 25% slower.", "memory & speed", resumable=True)
     cache_latents: bool = setting(True, "Encode each image with the VAE once instead of at every step "
                                   "(much faster, little memory).", "memory & speed")
     cache_text_embeddings: bool = setting(True, "Encode each prompt once; only while the text encoder is frozen.",
-                                          "memory & speed")
-    dataloader_workers: int = setting(0, "Worker processes loading images (0 = in the main process; "
-                                      "enough when latents are cached).", "memory & speed", min=0, max=32)
+                                          "memory & speed", resumable=True)
 
     # samples
     sample_every: int = setting(0, "Generate samples every this many steps (0 = off; 200 is a good value).",
-                                "samples", min=0, max=1_000_000)
+                                "samples", min=0, max=1_000_000, resumable=True)
     sample_prompts: List[str] = setting([], "Extra sample prompts; each concept's instance prompt is always sampled.",
-                                        "samples")
-    sample_negative_prompt: str = setting("", "Negative prompt for samples.", "samples")
+                                        "samples", resumable=True)
+    sample_negative_prompt: str = setting("", "Negative prompt for samples.", "samples", resumable=True)
     sample_seeds: List[int] = setting([], "One seed per sample image, the same at every sampling; missing ones "
-                                      "count up from the last given (or from seed).", "samples")
-    num_sample_images: int = setting(2, "Sample images per prompt.", "samples", min=1, max=16)
-    sample_steps: int = setting(20, "Sampling steps per sample image.", "samples", min=1, max=200)
-    sample_guidance: float = setting(7.0, "CFG scale for samples.", "samples", min=0, max=30)
+                                      "count up from the last given (or from seed).", "samples", resumable=True)
+    num_sample_images: int = setting(2, "Sample images per prompt.", "samples", min=1, max=16, resumable=True)
+    sample_steps: int = setting(20, "Sampling steps per sample image.", "samples", min=1, max=200, resumable=True)
+    sample_guidance: float = setting(7.0, "CFG scale for samples.", "samples", min=0, max=30, resumable=True)
 
     # saving
     save_model_every: int = setting(0, "Write the model every this many steps as NAME_<step> (0 = only at the end).",
-                                    "saving", min=0, max=1_000_000)
+                                    "saving", min=0, max=1_000_000, resumable=True)
     save_state_every: int = setting(0, "Save resumable training state every this many steps and at the end (0 = only "
                                     "when stopped, or when the model cannot be written); full training states are "
                                     "large (about 3x the model).", "saving",
-                                    min=0, max=1_000_000)
+                                    min=0, max=1_000_000, resumable=True)
     save_format: str = setting("safetensors", "File format; .ckpt is a pickle, prefer safetensors.", "saving",
-                               choices=("safetensors", "ckpt"))
+                               choices=("safetensors", "ckpt"), resumable=True)
     save_dtype: str = setting("fp16", "Precision of the written weights (fp16 halves the file; the WebUI runs it "
-                              "the same).", "saving", choices=("fp16", "bf16", "fp32"))
+                              "the same).", "saving", choices=("fp16", "bf16", "fp32"), resumable=True)
     save_lora_merged: bool = setting(False, "With LoRA training, also write a full checkpoint with the LoRA "
-                                     "merged in.", "saving")
+                                     "merged in.", "saving", resumable=True)
     save_model_on_interrupt: bool = setting(
         False, "When the run is interrupted, write the model as it is then (NAME_<step>), as well as the "
-        "resumable state.", "saving")
+        "resumable state.", "saving", resumable=True)
     keep_last_models: int = setting(
         0, "Keep only the newest this many saved models of the run (each save's LoRA, checkpoint and yaml); "
         "older ones the run wrote are deleted, files it did not write never are (0 = keep all).", "saving",
-        min=0, max=10000)
+        min=0, max=10000, resumable=True)
 
     @property
     def unet_learning_rate(self) -> float:
@@ -311,6 +320,7 @@ class SettingInfo:
     choices: Optional[List[str]]
     multiple_of: Optional[int]
     path: bool = False  # names a file or folder (see setting())
+    resumable: bool = False  # may change when an interrupted run resumes (see setting())
 
 
 def type_hints(cls) -> Dict[str, Any]:
@@ -333,8 +343,21 @@ def describe(cls=TrainConfig) -> List[SettingInfo]:
     hints = type_hints(cls)
     return [SettingInfo(f.name, _kind(hints[f.name]), default_of(f), f.metadata["help"], f.metadata["group"],
                         f.metadata["min"], f.metadata["max"], f.metadata["choices"], f.metadata["multiple_of"],
-                        f.metadata.get("path", False))
+                        f.metadata.get("path", False), f.metadata.get("resumable", False))
             for f in fields(cls)]
+
+
+def declared(flag: str, cls=TrainConfig) -> List[str]:
+    """Names of the settings of TrainConfig (or Concept) declared with `flag`=True ("path" or "resumable")."""
+    return [f.name for f in fields(cls) if f.metadata.get(flag)]
+
+
+def choices_of(name: str, cls=TrainConfig) -> typing.Tuple[str, ...]:
+    """The values setting `name` of TrainConfig (or Concept) is declared to allow."""
+    f = next((f for f in fields(cls) if f.name == name), None)
+    if f is None or not f.metadata.get("choices"):
+        raise KeyError(f"{cls.__name__} has no setting '{name}' with choices")
+    return tuple(f.metadata["choices"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +451,8 @@ def from_dict(cls, data: Any, where: str):
     kwargs = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")  # accept CLI spelling in files too
+        if cls is TrainConfig and name in RETIRED:
+            continue
         if name not in names:
             raise _unknown_key(str(key), cls, where)
         label = f"'{name}' in {where}" if cls is TrainConfig else f"'{name}' of {where}"
@@ -441,7 +466,8 @@ def to_dict(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 def load_config(source: Union[str, os.PathLike, Dict[str, Any], TrainConfig]) -> TrainConfig:
-    """A TrainConfig from a JSON file or a dict; types are coerced, unknown keys refused. Not range-checked: see validate."""
+    """A TrainConfig from a JSON file or a dict; types are coerced, unknown keys refused (retired ones ignored).
+    Not range-checked: see validate."""
     if isinstance(source, (dict, TrainConfig)):
         return from_dict(TrainConfig, source, "the config")
     path = Path(source)

@@ -1,11 +1,16 @@
-"""Checking a TrainConfig before any work: one sentence for the first hard error, warnings for the rest."""
+"""Checking a TrainConfig before any work: one sentence for the first hard error, warnings for the rest.
 
+    cfg, warnings = validate(cfg)   # a normalised copy; the config given is left as it was
+"""
+
+import dataclasses
 import difflib
 import re
 from dataclasses import fields
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NamedTuple, Tuple
 
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.captions import has_filewords, without_filewords
 from dreambooth_ext.train.config import (
     Concept,
     FILEWORDS,
@@ -19,16 +24,25 @@ _WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "
 _KNOWN_TOKENS = {"sks", "ohwx", "zwx", "mksks", "xyz"}
 
 
-def _check_fields(obj, where: str) -> None:
-    """Types (coerced in place), ranges and choices of every field of a TrainConfig or Concept."""
+class Checked(NamedTuple):
+    """What validate gives: the normalised copy of the config, and the warnings for the user."""
+
+    config: TrainConfig
+    warnings: List[str]
+
+
+def _checked_fields(obj, where: str):
+    """A copy of a TrainConfig or Concept with every field's type coerced, after its range and choices are
+    checked; the concepts of a TrainConfig are left to the caller."""
     hints = type_hints(type(obj))
+    values = {}
     for f in fields(obj):
         if f.name == "concepts":
             continue
         label = f"'{f.name}'{where}"
-        value = coerce(getattr(obj, f.name), hints[f.name], label)
-        setattr(obj, f.name, value)
-        _check_range(value, f.metadata, label)
+        values[f.name] = coerce(getattr(obj, f.name), hints[f.name], label)
+        _check_range(values[f.name], f.metadata, label)
+    return dataclasses.replace(obj, **values)
 
 
 def _check_range(value: Any, meta: Dict[str, Any], label: str) -> None:
@@ -65,7 +79,7 @@ def _check_name(name: str) -> None:
 
 
 def _words(text: str) -> List[str]:
-    return re.findall(r"[\w]+", text.replace(FILEWORDS, " ").lower())
+    return re.findall(r"[\w]+", without_filewords(text).lower())
 
 
 def _looks_rare(word: str) -> bool:
@@ -104,10 +118,10 @@ def _concept_warnings(cfg: TrainConfig, c: Concept, i: int) -> List[str]:
     if not c.instance_prompt.strip() and c.caption_mode != "caption":
         raise UserError(f"Setting 'instance_prompt' of concept {i} is empty; give a prompt with the concept's token.")
     notes = _token_warnings(c, label)
-    if c.caption_mode == "filewords" and FILEWORDS not in c.instance_prompt:
+    if c.caption_mode == "filewords" and not has_filewords(c.instance_prompt):
         notes.append(f"{label} uses caption_mode 'filewords' but its instance prompt has no {FILEWORDS}, "
                      "so the captions are not used.")
-    if c.caption_mode == "prompt" and FILEWORDS in c.instance_prompt:
+    if c.caption_mode == "prompt" and has_filewords(c.instance_prompt):
         notes.append(f"{label}'s prompt has {FILEWORDS} but caption_mode is 'prompt', so it is dropped; "
                      "use caption_mode 'filewords' to fill it from the .txt files.")
     if not c.class_prompt.strip():
@@ -122,11 +136,11 @@ def _concept_warnings(cfg: TrainConfig, c: Concept, i: int) -> List[str]:
     return notes
 
 
-def _run_warnings(cfg: TrainConfig) -> List[str]:
-    """Combinations that work but are probably not meant; fixes the one that cannot work."""
+def _run_warnings(cfg: TrainConfig) -> Tuple[TrainConfig, List[str]]:
+    """Combinations that work but are probably not meant; a copy that fixes the one that cannot work."""
     notes = []
     if cfg.cache_text_embeddings and cfg.text_encoder_mode != "frozen":
-        cfg.cache_text_embeddings = False
+        cfg = dataclasses.replace(cfg, cache_text_embeddings=False)
         notes.append(f"cache_text_embeddings turned off: the text encoder is trained ({cfg.text_encoder_mode}).")
     if cfg.save_lora_merged and cfg.train_mode != "lora":
         notes.append("save_lora_merged only applies to LoRA training; full training already writes a checkpoint.")
@@ -139,28 +153,30 @@ def _run_warnings(cfg: TrainConfig) -> List[str]:
         notes.append(f"SDXL was trained at 1024 pixels; resolution {cfg.resolution} gives weaker results.")
     if cfg.text_encoder_stop_step and cfg.text_encoder_mode == "frozen":
         notes.append("text_encoder_stop_step is ignored: the text encoder is frozen.")
-    return notes
+    return cfg, notes
 
 
-def validate(cfg: TrainConfig) -> List[str]:
-    """Warnings for a usable config; raises UserError with one sentence for the first hard error.
+def validate(cfg: TrainConfig) -> Checked:
+    """(normalised copy, warnings) for a usable config; raises UserError with one sentence for the first hard error.
 
-    Normalises cfg in place (coerced types, cache_text_embeddings off when the text encoder trains).
-    Checks the settings only; folders and files are checked by the trainer when it opens them.
+    The copy has every type coerced, the concepts as Concept objects and cache_text_embeddings off when the
+    text encoder trains; `cfg` itself is not changed. Checks the settings only; folders and files are checked
+    by the trainer when it opens them.
     """
-    _check_fields(cfg, "")
+    cfg = _checked_fields(cfg, "")
     if not cfg.checkpoint.strip():
         raise UserError("Setting 'checkpoint' is empty; give the source model (a .safetensors file or a diffusers folder).")
     _check_name(cfg.name)
-    cfg.concepts = coerce(cfg.concepts, List[Concept], "")
-    if not cfg.concepts:
+    concepts = coerce(cfg.concepts, List[Concept], "")
+    if not concepts:
         raise UserError("Setting 'concepts' is empty; add a concept (an instance image folder and prompt), "
                         "e.g. with --instance-dir and --instance-prompt.")
     if cfg.init_lora and cfg.train_mode != "lora":
         raise UserError("Setting 'init_lora' needs train_mode 'lora'; to train fully on top of a LoRA, "
                         "merge it into the checkpoint first (save_lora_merged).")
     notes = []
-    for i, concept in enumerate(cfg.concepts, 1):
-        _check_fields(concept, f" of concept {i}")
-        notes += _concept_warnings(cfg, concept, i)
-    return notes + _run_warnings(cfg)
+    for i, concept in enumerate(concepts, 1):
+        concepts[i - 1] = _checked_fields(concept, f" of concept {i}")
+        notes += _concept_warnings(cfg, concepts[i - 1], i)
+    cfg, run_notes = _run_warnings(dataclasses.replace(cfg, concepts=concepts))
+    return Checked(cfg, notes + run_notes)

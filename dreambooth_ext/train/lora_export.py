@@ -39,7 +39,7 @@ What this module writes (kohya sd-scripts' format, the de-facto standard):
   up [out, r, 1, 1]) and `<name>.alpha` (0-dim float32).
 
 Unsupported: LoRA on embeddings, layer norms, text_projection, conv_in/conv_out or the time
-embedding (no preset targets them); reading LyCORIS types (LoHa, LoKr, IA3, OFT, full), DoRA
+embedding (no preset targets them); reading LyCORIS types (every kind of lora_kinds.py but LoRA), DoRA
 (`dora_scale`), CP-decomposed convs (`lora_mid`), per-layer `scale`, bundled embeddings and
 peft/diffusers-format files (`lora_A`/`lora_B` keys).
 """
@@ -57,9 +57,9 @@ from dreambooth_ext.bridge.family_data import FAMILY_NAMES, load_family
 from dreambooth_ext.bridge.keymap_unet import RESNET_RENAMES, unet_module_map
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.lora import LoraWeights, adaptable_modules, get_lora_weights, set_lora_weights
+from dreambooth_ext.train.lora_kinds import LORA, kind_of, refused_labels
 
 UNET_PREFIX = "lora_unet_"
-PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 # family -> (ss_base_model_version, ss_v2), the values kohya writes and A1111's detect_version reads
 BASE_VERSIONS = {"sd1": ("sd_v1", False), "sd2": ("sd_v2", True), "sd2-v": ("sd_v2", True), "sdxl": ("sdxl_base_v1-0", False)}
 # layout fields A1111's diffusers-name arithmetic takes for granted
@@ -232,24 +232,31 @@ def load_webui_lora(path) -> Dict[str, torch.Tensor]:
 
 
 def _group(lora_sd: Mapping[str, torch.Tensor]) -> Dict[str, LoraWeights]:
+    """The file's layers (keys split at their first "."), each read as its network kind (lora_kinds.py)."""
     parts: Dict[str, Dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in lora_sd.items():
         name, _, part = key.partition(".")
         parts[name][part] = tensor
-    weights = {}
-    for name, p in parts.items():
-        extra = sorted(set(p) - set(PARTS))
-        if extra:
-            raise UserError(
-                f"LoRA layer {name} has {', '.join(extra)}: only plain LoRA (lora_down/lora_up/alpha) files "
-                "can be trained on; LyCORIS, DoRA and other network types cannot."
-            )
-        if "lora_down.weight" not in p or "lora_up.weight" not in p:
-            raise UserError(f"LoRA layer {name} lacks its lora_down or lora_up weight: the file is incomplete.")
-        down = p["lora_down.weight"]
-        alpha = float(p["alpha"]) if "alpha" in p else float(down.shape[0])  # A1111: no alpha -> scale 1
-        weights[name] = LoraWeights(down, p["lora_up.weight"], alpha)
-    return weights
+    return {name: _layer_weights(name, p) for name, p in parts.items()}
+
+
+def _layer_weights(name: str, p: Dict[str, torch.Tensor]) -> LoraWeights:
+    kind = kind_of(p)
+    if kind is None and set(p) <= set(LORA.parts):
+        raise UserError(f"LoRA layer {name} lacks its lora_down or lora_up weight: the file is incomplete.")
+    if kind is not None and not kind.trainable:
+        raise UserError(f"LoRA layer {name} is a {kind.label} layer ({', '.join(sorted(p))}): only plain LoRA "
+                        f"(lora_down/lora_up/alpha) files can be trained on; LyCORIS types ({refused_labels()}) "
+                        "cannot.")
+    extra = (kind or LORA).extra(p)
+    if extra:
+        raise UserError(
+            f"LoRA layer {name} has {', '.join(extra)}: only plain LoRA (lora_down/lora_up/alpha) files "
+            "can be trained on; LyCORIS, DoRA and other network types cannot."
+        )
+    down = p["lora_down.weight"]
+    alpha = float(p["alpha"]) if "alpha" in p else float(down.shape[0])  # A1111: no alpha -> scale 1
+    return LoraWeights(down, p["lora_up.weight"], alpha)
 
 
 def apply_webui_lora(

@@ -26,6 +26,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from dreambooth_ext.train.optimizer_kinds import KINDS as OPTIMIZER_KINDS
+
 # Expected error of the activation part (the CPU calibration's spread; until the GPU check measures it),
 # and of the rest (weights, gradients, states: exact counts, but allocator rounding and small buffers).
 EXPECTED_ERROR = 0.2
@@ -35,10 +37,11 @@ REST_ERROR = 0.05
 MEMORY_SETTINGS = ("checkpoint", "family", "train_mode", "text_encoder_mode", "optimizer", "mixed_precision",
                    "resolution", "train_batch_size", "prior_loss_weight", "gradient_checkpointing", "cache_latents",
                    "cache_text_embeddings", "use_ema", "lora_rank", "lora_targets", "sample_every")
+MEMORY_CONCEPT_SETTINGS = ("class_prompt", "num_class_images")  # of each concept: prior preservation doubles the batch
 
 GB = 1024**3
-# Optimizer state bytes per trained parameter.
-OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "adafactor": 0.1, "prodigy": 16.0}
+# Optimizer state bytes per trained parameter, as each optimizer declares it.
+OPTIMIZER_BYTES = {kind.name: kind.state_bytes for kind in OPTIMIZER_KINDS}
 # Activation bytes kept per channel and latent pixel, under bf16 autocast (fp32 doubles them).
 # Measured on SD1.5's ResnetBlock2D and Transformer2DModel (bench/memory_calibrate.py prints them).
 ACTIVATION_BYTES = {
@@ -280,8 +283,9 @@ def form_memory_note(form: dict, checkpoint_path: str, gpu_gb: Optional[float]) 
     """The tab's line beside Train, from the form's values (setting name -> value; concepts may be incomplete)."""
     try:
         fam = family_of(checkpoint_path, str(form.get("family") or "auto"))
-        prior = float(form.get("prior_loss_weight") or 0) > 0 and any(
-            str(v).strip() for k, v in form.items() if k.endswith(".class_prompt"))
+        prior = float(form.get("prior_loss_weight") or 0) > 0 and any(  # as settings_from_config counts it
+            str(v).strip() and float(form.get(k[:-len("class_prompt")] + "num_class_images", 100) or 0) > 0
+            for k, v in form.items() if k.endswith(".class_prompt"))
         mp = str(form.get("mixed_precision") or "auto")
         s = MemorySettings(
             family=fam, train_mode=str(form.get("train_mode", "lora")),

@@ -6,28 +6,45 @@
     sched = make_lr_scheduler(cfg.lr_scheduler, opt, warmup_steps=cfg.lr_warmup_steps,
                               total_steps=cfg.max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
 
-An optimizer that cannot run here (bitsandbytes without a CUDA GPU, Prodigy not installed) is refused
-with a UserError before training starts; `optimizer_available` tells a form which choices to offer.
+The optimizers are declared in optimizer_kinds.py (name, label, what each needs); each gets its builder
+here with `@builds(name)`. An optimizer that cannot run here (bitsandbytes without a CUDA GPU, Prodigy not
+installed) is refused with a UserError before training starts (`refusal` is its sentence);
+`optimizer_available` tells a form which choices to offer.
 """
 
 import importlib
 import inspect
 import math
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.config import OPTIMIZERS as OPTIMIZER_NAMES
 from dreambooth_ext.train.config import SCHEDULERS as SCHEDULER_NAMES
-
-_LABELS = {"adamw8bit": "8-bit AdamW", "lion8bit": "8-bit Lion"}
+from dreambooth_ext.train.optimizer_kinds import NAMES as OPTIMIZER_NAMES
+from dreambooth_ext.train.optimizer_kinds import OPTIMIZERS
 
 DeviceLike = Union[str, torch.device]
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizers
+# Optimizers: what each needs is declared in optimizer_kinds.py, how each is built is attached here
+
+# name -> build(groups, betas, eps, weight_decay, package) where package is the kind's module, imported
+BUILDERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {}
+
+
+def builds(name: str):
+    """Attach the decorated function as the builder of the optimizer `name` declared in optimizer_kinds."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer '{name}' is not declared in optimizer_kinds.py")
+
+    def attach(build):
+        BUILDERS[name] = build
+        return build
+
+    return attach
+
 
 def _import(module: str) -> Tuple[Any, str]:
     """(module, "") or (None, why not); any failure counts, as bitsandbytes may raise more than ImportError."""
@@ -41,19 +58,28 @@ def _import(module: str) -> Tuple[Any, str]:
 def optimizer_available(name: str, device: DeviceLike) -> Tuple[bool, str]:
     """Whether optimizer `name` can run on `device`, and if not, why (a short phrase for a form or a message)."""
     device = torch.device(device)
-    if name not in OPTIMIZER_NAMES:
+    kind = OPTIMIZERS.get(name)
+    if kind is None or name not in BUILDERS:
         return False, f"unknown optimizer '{name}'"
-    if name in _LABELS:
-        if device.type != "cuda":
-            return False, f"training runs on {device.type}, not an NVIDIA GPU"
-        bnb, why = _import("bitsandbytes")
-        if bnb is None:
-            return False, f"bitsandbytes does not import: {why}"
-        return True, ""
-    if name == "prodigy":
-        mod, why = _import("prodigyopt")
-        return (True, "") if mod is not None else (False, f"prodigyopt is not installed ({why})")
+    if kind.needs_cuda and device.type != "cuda":
+        return False, f"training runs on {device.type}, not an NVIDIA GPU"
+    if kind.package:
+        module, why = _import(kind.package)
+        if module is None:
+            return False, f"{kind.package} does not import: {why}"
     return True, ""
+
+
+def refusal(name: str, why: str) -> str:
+    """The sentence refusing optimizer `name`, which cannot run here for the reason `why` (optimizer_available's)."""
+    kind = OPTIMIZERS.get(name)
+    if kind is None:
+        return f"Setting 'optimizer' is '{name}'; choose one of {', '.join(OPTIMIZER_NAMES)}."
+    needs = kind.package
+    if kind.needs_cuda:
+        needs = f"{needs} on an NVIDIA GPU" if needs else "an NVIDIA GPU"
+    what = f"{kind.label} needs {needs}; " if needs else ""
+    return f"Setting 'optimizer' is {name}: {what}it is not available here ({why}); {kind.remedy}."
 
 
 def _all_params(param_groups: Sequence[Dict[str, Any]]) -> List[torch.Tensor]:
@@ -81,7 +107,8 @@ def _fused_adamw(groups, betas, eps, weight_decay):
         return None  # this build does not fuse on this device or dtype: the paths below still work
 
 
-def _adamw(groups, betas, eps, weight_decay) -> torch.optim.Optimizer:
+@builds("adamw")
+def _adamw(groups, betas, eps, weight_decay, package) -> torch.optim.Optimizer:
     fused = _fused_adamw(groups, betas, eps, weight_decay)
     if fused is not None:
         return fused
@@ -92,19 +119,19 @@ def _adamw(groups, betas, eps, weight_decay) -> torch.optim.Optimizer:
                              foreach=True if on_cuda else None)
 
 
-def _bnb(name, groups, betas, eps, weight_decay, device) -> torch.optim.Optimizer:
-    ok, why = optimizer_available(name, device)
-    if not ok:
-        raise UserError(f"Setting 'optimizer' is {name}: {_LABELS[name]} needs bitsandbytes on an NVIDIA GPU; "
-                        f"it is not available here ({why}); choose adamw or adafactor.")
-    bnb, _ = _import("bitsandbytes")
-    if name == "adamw8bit":
-        return bnb.optim.AdamW8bit(groups, betas=betas, eps=eps, weight_decay=weight_decay)
+@builds("adamw8bit")
+def _adamw8bit(groups, betas, eps, weight_decay, package) -> torch.optim.Optimizer:
+    return package.optim.AdamW8bit(groups, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+@builds("lion8bit")
+def _lion8bit(groups, betas, eps, weight_decay, package) -> torch.optim.Optimizer:
     # Lion has no epsilon: its update is a sign
-    return bnb.optim.Lion8bit(groups, betas=betas, weight_decay=weight_decay)
+    return package.optim.Lion8bit(groups, betas=betas, weight_decay=weight_decay)
 
 
-def _adafactor(groups, weight_decay) -> torch.optim.Optimizer:
+@builds("adafactor")
+def _adafactor(groups, betas, eps, weight_decay, package) -> torch.optim.Optimizer:
     from transformers.optimization import Adafactor
 
     # the schedule comes from our LR scheduler, so Adafactor's own relative step and scaling are off
@@ -112,15 +139,11 @@ def _adafactor(groups, weight_decay) -> torch.optim.Optimizer:
                      weight_decay=weight_decay)
 
 
-def _prodigy(groups, betas, eps, weight_decay, device) -> torch.optim.Optimizer:
-    ok, why = optimizer_available("prodigy", device)
-    if not ok:
-        raise UserError(f"Setting 'optimizer' is prodigy but {why}; run `pip install prodigyopt` "
-                        "in the WebUI's Python environment or choose adamw.")
-    prodigyopt, _ = _import("prodigyopt")
+@builds("prodigy")
+def _prodigy(groups, betas, eps, weight_decay, package) -> torch.optim.Optimizer:
     # bias correction and the warmup safeguard are what diffusion fine-tuning usually needs (Prodigy README)
-    return prodigyopt.Prodigy(groups, betas=betas, eps=eps, weight_decay=weight_decay, decouple=True,
-                              use_bias_correction=True, safeguard_warmup=True)
+    return package.Prodigy(groups, betas=betas, eps=eps, weight_decay=weight_decay, decouple=True,
+                           use_bias_correction=True, safeguard_warmup=True)
 
 
 def make_optimizer(name: str, param_groups: List[Dict[str, Any]], *, betas: Tuple[float, float], eps: float,
@@ -134,15 +157,11 @@ def make_optimizer(name: str, param_groups: List[Dict[str, Any]], *, betas: Tupl
     if not _all_params(groups):
         raise ValueError("make_optimizer got no parameters to train")
     betas = (float(betas[0]), float(betas[1]))
-    if name == "adamw":
-        return _adamw(groups, betas, eps, weight_decay)
-    if name in _LABELS:
-        return _bnb(name, groups, betas, eps, weight_decay, device)
-    if name == "adafactor":
-        return _adafactor(groups, weight_decay)
-    if name == "prodigy":
-        return _prodigy(groups, betas, eps, weight_decay, device)
-    raise UserError(f"Setting 'optimizer' is '{name}'; choose one of {', '.join(OPTIMIZER_NAMES)}.")
+    ok, why = optimizer_available(name, device)
+    if not ok:
+        raise UserError(refusal(name, why))
+    package = _import(OPTIMIZERS[name].package)[0] if OPTIMIZERS[name].package else None
+    return BUILDERS[name](groups, betas, eps, weight_decay, package)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Everything that can be checked without loading the model, before any work.
 
 The CLI, the job runner (so the tab and the API answer with the sentence instead of
-"Training ...") and the trainer itself call `precheck(cfg)`: settings, the checkpoint and its
-family (from the file header), the image folders, class folders that overlap them, the name,
-a saved state and its settings, files the run would replace, and a run that holds the name.
+"Training ...") and the trainer itself call `precheck(cfg)` (`prechecked(cfg)` gives the normalised
+copy of the config as well): settings, the checkpoint and its family (from the file header), the
+image folders, class folders that overlap them, the name, a saved state and its settings, files the
+run would replace, and a run that holds the name.
 """
 
 import os
@@ -13,7 +14,7 @@ from typing import List, Optional
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train import state as st
 from dreambooth_ext.train.config import TrainConfig
-from dreambooth_ext.train.config_checks import validate
+from dreambooth_ext.train.config_checks import Checked, validate
 
 # NAME_<step>.safetensors and the writer's `.NAME_<step>.safetensors.partial-<pid>` must fit in 255 bytes
 NAME_LIMIT = 200
@@ -21,11 +22,16 @@ NAME_LIMIT = 200
 
 def precheck(cfg: TrainConfig) -> List[str]:
     """Warnings for a run that can start; UserError with one sentence for the first reason it cannot."""
+    return prechecked(cfg).warnings
+
+
+def prechecked(cfg: TrainConfig) -> Checked:
+    """(the normalised copy of cfg, warnings) for a run that can start (see validate); UserError as precheck."""
     from dreambooth_ext.train.owned_files import check_no_clash
     from dreambooth_ext.train.workspace import secondary_process
     from dreambooth_ext.train.workspace_lock import check_free
 
-    notes = validate(cfg)
+    cfg, notes = validate(cfg)
     _check_name_length(cfg.name)
     _check_device_settings(cfg)
     fam = _checkpoint_family(cfg)
@@ -38,7 +44,7 @@ def precheck(cfg: TrainConfig) -> List[str]:
         check_free(cfg.name, cfg.workspace_path())
     notes += _check_saved_state(cfg)
     check_no_clash(cfg)
-    return notes
+    return Checked(cfg, notes)
 
 
 def _check_name_length(name: str) -> None:
@@ -49,15 +55,14 @@ def _check_name_length(name: str) -> None:
 
 
 def _check_device_settings(cfg) -> None:
-    from dreambooth_ext.train.optim import optimizer_available
+    from dreambooth_ext.train.optim import optimizer_available, refusal
     from dreambooth_ext.train.precision import check_attention, pick_device
 
     device = pick_device()
     check_attention(cfg.attention, device)
     usable, why = optimizer_available(cfg.optimizer, device)
     if not usable:
-        raise UserError(f"Setting 'optimizer' is {cfg.optimizer}, which cannot run here ({why}); "
-                        "choose adamw or adafactor.")
+        raise UserError(refusal(cfg.optimizer, why))
 
 
 def _checkpoint_family(cfg) -> Optional[dict]:

@@ -16,11 +16,12 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.config import choices_of
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "no", "fp16", "bf16")
-ATTENTIONS = ("auto", "xformers", "sdpa", "default")
+PRECISIONS = choices_of("mixed_precision")
+ATTENTIONS = choices_of("attention")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 DeviceLike = Union[str, torch.device]

@@ -8,7 +8,7 @@ fits in no candidate becomes LoRA.
 from typing import Any, Dict, List, Optional
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.config import FAMILIES
+from dreambooth_ext.train.config import FAMILIES, choices_of
 from dreambooth_ext.train.memory import MemorySettings, estimate_memory
 
 _RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
@@ -22,8 +22,8 @@ def recommended(family: str, train_mode: str, vram_gb: Optional[float], *, have_
     """
     if family not in FAMILIES:
         raise UserError(f"Unknown model family '{family}'; choose one of {', '.join(FAMILIES)}.")
-    if train_mode not in ("full", "lora"):
-        raise UserError(f"Unknown train mode '{train_mode}'; choose full or lora.")
+    if train_mode not in choices_of("train_mode"):
+        raise UserError(f"Unknown train mode '{train_mode}'; choose {' or '.join(choices_of('train_mode'))}.")
     fam = "sd1" if family == "auto" else family
     out: Dict[str, Any] = {"train_batch_size": 1, "cache_latents": True, "mixed_precision": "auto", "attention": "auto"}
     if family != "auto":

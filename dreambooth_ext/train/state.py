@@ -15,17 +15,11 @@ import torch
 
 from dreambooth_ext.bridge.tensor_io import atomic_path
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.config import RETIRED, Concept, TrainConfig, declared, to_dict
 
-# settings that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = {
-    "max_steps", "max_epochs", "sample_every", "sample_prompts", "sample_negative_prompt", "sample_seeds", "num_sample_images",
-    "sample_steps", "sample_guidance", "save_model_every", "save_state_every", "save_format", "save_dtype",
-    "save_lora_merged", "keep_last_models",
-    "save_model_on_interrupt", "dataloader_workers", "models_dir", "checkpoint_dir", "lora_dir",
-    # memory and speed only: the same steps compute the same result
-    "gradient_checkpointing", "attention", "cache_text_embeddings",
-}
-CONCEPT_RESUMABLE_CHANGES = {"concept_sample_prompts"}
+# settings that may change between an interrupted run and its resumption: declared with resumable=True
+RESUMABLE_CHANGES = frozenset(declared("resumable", TrainConfig))
+CONCEPT_RESUMABLE_CHANGES = frozenset(declared("resumable", Concept))
 
 
 @dataclass
@@ -40,10 +34,9 @@ def state_dir(workspace: Path) -> Path:
 
 
 def resumable_config(cfg) -> Dict:
-    """The settings a resumed run must share with the saved one."""
-    from dreambooth_ext.train.config import to_dict
-
-    data = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
+    """The settings a resumed run must share with the saved one: all but those declared resumable."""
+    free = set(declared("resumable", type(cfg)))
+    data = {k: v for k, v in to_dict(cfg).items() if k not in free}
     data["concepts"] = [{k: v for k, v in c.items() if k not in CONCEPT_RESUMABLE_CHANGES} for c in data["concepts"]]
     return data
 
@@ -99,7 +92,8 @@ def read_progress(workspace: Path) -> Optional[Progress]:
 
 def check_resumable(saved: Dict, current: Dict) -> List[str]:
     """Settings that differ from the saved run in a way that would change its result."""
-    return sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    ignored = RESUMABLE_CHANGES | RETIRED  # a state saved before a setting was retired may still hold it
+    return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
 
 
 def load_state(workspace: Path):

@@ -9,11 +9,12 @@ are plain functions; only `Form` and `make_component` touch gradio.
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from dreambooth_ext.folders import HOST_FOLDERS
 from dreambooth_ext.train.config import Concept, SettingInfo, TrainConfig, describe, load_config, to_dict
 
 CONCEPT_BOXES = 4
 # where models go is the host's to say (its folders, --ckpt-dir, --lora-dir), not the form's
-HOST_SETTINGS = ("models_dir", "checkpoint_dir", "lora_dir")
+HOST_SETTINGS = HOST_FOLDERS
 # concepts have their own boxes
 NOT_IN_FORM = {"concepts", *HOST_SETTINGS}
 # ranges wider than this are typed, not dragged (steps up to a million, seeds up to 2^32)

@@ -170,7 +170,7 @@ class Handlers:
             cfg = self.config(form, extras)
             if self.host.non_local():  # anyone who can open the page may press Train: the API's folder rule
                 check_paths(to_dict(cfg), self.host.allowed_roots(), [p for _t, p in self.host.list_checkpoints()])
-            validate(load_config(cfg))  # a copy: hard errors now; warnings come through the job
+            validate(cfg)  # hard errors now; warnings come through the job
             check_host(cfg, self.host)  # e.g. the WebUI's txt2img for class images, only inside the WebUI
             cfg = resolve_max_steps(cfg)  # max_epochs: the step count the run will have
             saved = _saved_progress(cfg)

@@ -14,9 +14,9 @@ import gradio as gr
 from dreambooth_ext.hostapi import Host
 from dreambooth_ext.plot import loss_plot
 from dreambooth_ext.train.config import FAMILIES, GROUPS
-from dreambooth_ext.train.memory import MEMORY_SETTINGS, form_memory_note
+from dreambooth_ext.train.memory import MEMORY_CONCEPT_SETTINGS, MEMORY_SETTINGS, form_memory_note
 from dreambooth_ext.ui import compat
-from dreambooth_ext.ui.form import CONCEPT_BOXES, Form, concept_settings, label_for, top_settings
+from dreambooth_ext.ui.form import CONCEPT_BOXES, Form, concept_key, concept_settings, label_for, top_settings
 from dreambooth_ext.ui.handlers import Handlers, View, outputs_html, reply_html, view_html
 
 PREFIX = "dreambooth_"
@@ -168,7 +168,8 @@ class Tab:
         compat.listen(self.load.click, self._load, [self.config_path, self.extras], form_in + [self.extras, self.message])
         compat.listen(self.recommend.click, self._recommend, form_in + [self.rec_family, self.rec_mode, self.rec_vram],
                       form_in + [self.message])
-        for key in [k for k in MEMORY_SETTINGS + EPOCH_SETTINGS if k in self.form.components]:
+        concept_keys = [concept_key(i, name) for i in range(1, CONCEPT_BOXES + 1) for name in MEMORY_CONCEPT_SETTINGS]
+        for key in [k for k in (*MEMORY_SETTINGS, *concept_keys, *EPOCH_SETTINGS) if k in self.form.components]:
             compat.listen(self.form.components[key].change, self._memory, form_in, [self.memory], quiet=True)
         compat.listen(self.train.click, self._train, form_in + [self.extras, self.seen], [self.message] + polled)
         compat.listen(self.resume.click, self._resume, form_in + [self.extras, self.seen], [self.message] + polled)
