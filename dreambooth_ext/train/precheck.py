@@ -155,9 +155,5 @@ def _check_saved_state(cfg) -> List[str]:
         return []
     if saved.step == 0:
         return []
-    changed = st.check_resumable(saved.config, st.resumable_config(cfg))
-    if changed:
-        raise UserError(f"A saved run of '{cfg.name}' at step {saved.step} used other settings "
-                        f"({', '.join(changed[:4])}); give the new run another name, or delete "
-                        f"{st.state_dir(cfg.workspace_path())} to start afresh.")
+    st.check_same_settings(cfg, saved, cfg.workspace_path())
     return []

@@ -29,10 +29,10 @@ from dreambooth_ext.train.finite import check_finite_base, non_finite_message
 from dreambooth_ext.train.latent_cache import DiskCache, used_views
 from dreambooth_ext.train.lora import cast_lora_parameters
 from dreambooth_ext.train.models import load_bundle, prepare_base
-from dreambooth_ext.train.optim import make_lr_scheduler, make_optimizer, optimizer_available
+from dreambooth_ext.train.optim import make_lr_scheduler, make_optimizer
 from dreambooth_ext.train.placement import decide_placement, forget_last_accelerator
-from dreambooth_ext.train.precheck import precheck
-from dreambooth_ext.train.precision import check_attention, choose_attention, pick_device
+from dreambooth_ext.train.precheck import prechecked
+from dreambooth_ext.train.precision import choose_attention, pick_device
 from dreambooth_ext.train.prompt_length import long_prompt_warning
 from dreambooth_ext.train.reporter import Cancelled, Reporter
 from dreambooth_ext.train.trainables import setup_trainables
@@ -54,7 +54,8 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
     if cfg.max_epochs > 0:
         cfg = resolve_max_steps(cfg)
         reporter.stage(f"{cfg.max_epochs} epochs = {cfg.max_steps} steps")
-    for w in precheck(cfg):
+    cfg, warnings = prechecked(cfg)  # the normalised copy the whole run reads
+    for w in warnings:
         reporter.warn(w)
     if cfg.class_image_generator == "webui" and not getattr(reporter, "host_made_class_images", False):
         raise UserError(NOT_IN_WEBUI)  # the CLI, or a caller without the WebUI's job hooks
@@ -72,17 +73,13 @@ def train(cfg: TrainConfig, reporter: Optional[Reporter] = None) -> TrainResult:
 
 
 def prepare(cfg: TrainConfig, reporter: Reporter) -> TrainingRun:
-    """The device and its checks, the accelerator, and the base model loaded in the placement's dtypes."""
-    device = pick_device()
-    check_attention(cfg.attention, device)
-    usable, why = optimizer_available(cfg.optimizer, device)
-    if not usable:
-        raise UserError(f"Setting 'optimizer' is {cfg.optimizer}, which cannot run here ({why}); choose adamw or adafactor.")
-    placement, notes = decide_placement(cfg, device)
+    """The accelerator, and the base model loaded in the placement's dtypes (precheck checked the device)."""
+    placement, notes = decide_placement(cfg, pick_device())
     for n in notes:
         reporter.warn(n)
     forget_last_accelerator()
-    acc = Accelerator(mixed_precision=placement.mode, cpu=device.type == "cpu", kwargs_handlers=_ddp_kwargs(cfg))
+    acc = Accelerator(mixed_precision=placement.mode, cpu=placement.device.type == "cpu",
+                      kwargs_handlers=_ddp_kwargs(cfg))
     if not acc.is_main_process:
         reporter = _Quiet(reporter)  # one progress bar and one set of messages under `accelerate launch`
     workspace = cfg.workspace_path()

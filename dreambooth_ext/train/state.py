@@ -96,6 +96,15 @@ def check_resumable(saved: Dict, current: Dict) -> List[str]:
     return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
 
 
+
+def check_same_settings(cfg, saved: Progress, workspace: Path) -> None:
+    """UserError when the saved run at saved.step used settings that may not change on resume."""
+    changed = check_resumable(saved.config, resumable_config(cfg))
+    if changed:
+        raise UserError(f"A saved run of '{cfg.name}' at step {saved.step} used other settings "
+                        f"({', '.join(changed[:4])}); give the new run another name, or delete "
+                        f"{state_dir(workspace)} to start afresh.")
+
 def load_state(workspace: Path):
     """(trained tensors, optimizer/scheduler/scaler/ema states) of the saved run."""
     from safetensors.torch import load_file

@@ -166,11 +166,7 @@ class TrainingRun:
         saved = st.read_progress(self.workspace)
         if saved is None or saved.step == 0:
             return st.Progress(config=st.resumable_config(cfg))
-        changed = st.check_resumable(saved.config, st.resumable_config(cfg))
-        if changed:
-            raise UserError(f"A saved run of '{cfg.name}' at step {saved.step} used other settings "
-                            f"({', '.join(changed[:4])}); give the new run another name, or delete "
-                            f"{st.state_dir(self.workspace)} to start afresh.")
+        st.check_same_settings(cfg, saved, self.workspace)  # as precheck did; the state may be newer
         trained, rest = st.load_state(self.workspace)
         self.trainables.load(trained)
         self.optimizer.load_state_dict(rest["optimizer"])
