@@ -8,11 +8,12 @@ back, otherwise it is stale like any temporary.
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import List, Optional
 
-_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous)-(?P<pid>\d+)$")
+from dreambooth_ext.atomic import PARTIAL, PREVIOUS, remove
+
+_PATTERN = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{PARTIAL}|{PREVIOUS})-(?P<pid>\d+)$")
 
 
 def _alive(pid: int) -> bool:
@@ -42,20 +43,17 @@ def _leftovers(folder: Path):
 
 def _remove(p: Path) -> bool:
     try:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-        return True
+        remove(p)
     except OSError:
         return False
+    return not (p.exists() or p.is_symlink())
 
 
 def left_aside(path: Path) -> Optional[Path]:
     """The newest aside of `path` whose writer is gone, if any."""
     path = Path(path)
     asides = [p for p, name, kind, pid in _leftovers(path.parent)
-              if name == path.name and kind == "previous" and not _alive(pid)]
+              if name == path.name and kind == PREVIOUS and not _alive(pid)]
     return max(asides, key=lambda p: p.stat().st_mtime) if asides else None
 
 
@@ -80,7 +78,7 @@ def remove_stale(folder: Path, only: Optional[str] = None) -> List[Path]:
     for p, name, kind, pid in _leftovers(Path(folder)):
         if _alive(pid) or (only is not None and name != only):
             continue
-        if kind == "previous" and not (Path(folder) / name).exists():
+        if kind == PREVIOUS and not (Path(folder) / name).exists():
             continue  # the only copy left: keep it for recover_aside
         if _remove(p):
             removed.append(p)

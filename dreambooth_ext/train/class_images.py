@@ -20,6 +20,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from dreambooth_ext.atomic import atomic_path
+from dreambooth_ext.bridge.temporaries import remove_stale
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.images import list_images
 from dreambooth_ext.train.inference import AutocastFactory, generate_images
@@ -122,7 +124,8 @@ def _missing_indices(folder: Path, job: ClassJob) -> List[int]:
 
 def _remove_stale_tmp(folder: Path) -> None:
     # Left by a run killed mid-write; never counted, but not worth keeping either.
-    for path in folder.glob(_TMP_PREFIX + "*.tmp"):
+    remove_stale(folder)
+    for path in folder.glob(_TMP_PREFIX + "*.tmp"):  # the old temporaries' name (.NAME.tmp)
         try:
             path.unlink()
         except OSError:
@@ -130,20 +133,8 @@ def _remove_stale_tmp(folder: Path) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    from dreambooth_ext.bridge.tensor_io import write_failure
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    existed = path.exists()
-    try:
+    with atomic_path(path, "the class image") as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # a read-only folder: the cleanup must not hide the real error
-        raise (write_failure(path, e, existed) or UserError(
-            f"Could not write the class image {path} ({e.strerror or e}); choose another class folder.")) from None
 
 
 def _save(image, folder: Path, prompt: str, index: int) -> Path:

@@ -467,9 +467,6 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any], TrainConfig]) ->
 
 def save_config(cfg: TrainConfig, path: Union[str, os.PathLike]) -> Path:
     """Write cfg as JSON, atomically (a temporary name, then a rename); load_config reads it back equal."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from dreambooth_ext.atomic import write_text
+
+    return write_text(path, json.dumps(to_dict(cfg), indent=2) + "\n", "the settings file")

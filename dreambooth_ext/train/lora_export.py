@@ -185,7 +185,7 @@ def _write_atomic(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[s
     """The bridge's writer: a temporary sibling renamed into place; a full disk is one sentence."""
     from safetensors.torch import save_file
 
-    from dreambooth_ext.bridge.tensor_io import atomic_path
+    from dreambooth_ext.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -91,7 +91,7 @@ def _link_or_copy(src, dst):
 
 def _reuse_conversion(key: dict, base: Path, say: Callable[[str], None]) -> bool:
     """Take another run's conversion of the same checkpoint (a sibling workspace) instead of converting again."""
-    from dreambooth_ext.bridge.tensor_io import atomic_path
+    from dreambooth_ext.atomic import atomic_path
 
     for other in sorted(base.parent.parent.glob("*/base/source.json")):
         folder = other.parent / "model"

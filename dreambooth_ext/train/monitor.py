@@ -22,6 +22,8 @@ from typing import List, Optional
 
 import torch
 
+from dreambooth_ext.atomic import write_text
+
 DRIFT_LIMIT = 0.5
 SEEDS = (9001, 9002, 9003, 9004)
 FILE = "monitor.json"
@@ -107,9 +109,7 @@ class Monitor:
         return point
 
     def save(self):
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self.record), indent=1))
-        tmp.replace(self.path)
+        write_text(self.path, json.dumps(asdict(self.record), indent=1))
 
 
 def describe(point: Point) -> str:

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from dreambooth_ext.atomic import write_text
 from dreambooth_ext.errors import UserError
 
 RECORD = "written.json"
@@ -79,14 +80,10 @@ def record_written(cfg, path: Path) -> None:
         return
     record = read_record(cfg)
     record[_key(path)] = ident
-    target = _record_path(cfg)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{RECORD}.partial-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # the file itself is written; only a later replacement is refused
+        write_text(_record_path(cfg), json.dumps(record, indent=1))
+    except UserError:
+        pass  # the file itself is written; only a later replacement is refused
 
 
 def clash_message(cfg, path: Path) -> str:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dreambooth_ext.errors import UserError
+from dreambooth_ext.atomic import atomic_path
 from dreambooth_ext.train.captions import build_prompt
 from dreambooth_ext.train.inference import AutocastFactory, generate_images
 from dreambooth_ext.train.models import ModelBundle, make_pipeline
@@ -64,13 +64,8 @@ def _png_info(prompt: str, seed: int, step: int, *, steps: int, guidance: float,
 
 
 def _save_png(image: Image.Image, path: Path, pnginfo: Optional[PngInfo] = None) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path, "the sample image") as tmp:
         image.save(tmp, format="PNG", pnginfo=pnginfo)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"Could not write the sample image {path} ({e.strerror or e}); free disk space.") from None
     return path
 
 

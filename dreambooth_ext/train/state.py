@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from dreambooth_ext.bridge.tensor_io import atomic_path
+from dreambooth_ext.atomic import atomic_path
 from dreambooth_ext.errors import UserError
 
 # settings that may change between an interrupted run and its resumption
