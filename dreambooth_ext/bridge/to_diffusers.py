@@ -16,8 +16,9 @@ from dreambooth_ext.bridge.detect import Detection, detect_family
 from dreambooth_ext.bridge.diffusers_folder import EXTRAS, SIDECAR, write_configs
 from dreambooth_ext.bridge.family_data import load_family
 from dreambooth_ext.bridge.keymap_text import strip_legacy_clip
-from dreambooth_ext.bridge.plan import DTYPES, cast_to, plan_to_diffusers, shapes_summary
+from dreambooth_ext.bridge.plan import cast_to, plan_to_diffusers, shapes_summary
 from dreambooth_ext.bridge.tensor_io import Entry, RenamedSource, TensorSource, open_checkpoint, write_safetensors_stream
+from dreambooth_ext.dtypes import DTYPES
 from dreambooth_ext.errors import Cancelled, UserError
 
 log = logging.getLogger(__name__)

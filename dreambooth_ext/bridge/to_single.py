@@ -12,8 +12,9 @@ from dreambooth_ext.atomic import atomic_path
 from dreambooth_ext.bridge.components import EMA_PREFIX, LEGACY_CLIP_PREFIX, base_family, components_for
 from dreambooth_ext.bridge.diffusers_folder import extras_source, family_from_folder, open_component, read_sidecar
 from dreambooth_ext.bridge.family_data import load_family
-from dreambooth_ext.bridge.plan import DTYPES, cast_to, plan_to_single, shapes_summary
+from dreambooth_ext.bridge.plan import cast_to, plan_to_single, shapes_summary
 from dreambooth_ext.bridge.tensor_io import DictSource, Entry, write_ckpt_atomic, write_safetensors_atomic
+from dreambooth_ext.dtypes import DTYPES
 from dreambooth_ext.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from dreambooth_ext.dtypes import DTYPES
 from dreambooth_ext.train import lora as lora_lib
 
 
@@ -93,9 +94,8 @@ def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
         path = cfg.lora_path() / f"{cfg.name}_{step}.safetensors"
         guard(cfg, path)
         tes = trainables.text_encoders if trainables.te_mode == "lora" else []
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
         export_webui_lora(trainables.unet, tes, path, bundle.family, lora_file_metadata(cfg, step, bundle, path),
-                          dtype=dtype)
+                          dtype=DTYPES[cfg.save_dtype])
         record_written(cfg, path)
         reporter.output(str(path), "lora")
         written.append(path)

@@ -20,11 +20,11 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from dreambooth_ext.dtypes import NO_MIXED_PRECISION, compute_dtype, dtype_name
 from dreambooth_ext.errors import UserError
 
 EMULATE_ENV = "DREAMBOOTH_EMULATE_GPU_DTYPES"
 PHASES = ("prepare", "train", "sample")
-_HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def emulated_mode() -> str:
@@ -50,11 +50,11 @@ class Placement:
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype autocast runs matrix maths in (fp32 without mixed precision)."""
-        return _HALF.get(self.mode, torch.float32)
+        return compute_dtype(self.mode)
 
     def autocast(self):
         """Mixed precision for inference and the training forward pass; a no-op without it."""
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.mode != "no")
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.mode != NO_MIXED_PRECISION)
 
     def on(self, device) -> "Placement":
         """The same layout on another device (the process's own GPU under `accelerate launch`)."""
@@ -84,9 +84,8 @@ class Placement:
             torch.cuda.empty_cache()  # what sampling or caching left behind goes back to the pool
 
     def describe(self) -> str:
-        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-        return (f"UNet {names[self.unet_dtype]}, VAE {names[self.vae_dtype]}, "
-                f"text encoder {names[self.text_encoder_dtype]}")
+        return (f"UNet {dtype_name(self.unet_dtype)}, VAE {dtype_name(self.vae_dtype)}, "
+                f"text encoder {dtype_name(self.text_encoder_dtype)}")
 
 
 def _move(module: torch.nn.Module, device: torch.device) -> None:
@@ -97,11 +96,11 @@ def _move(module: torch.nn.Module, device: torch.device) -> None:
 
 def stored_dtype(mode: str, *, trained: bool, module: str = "", half_frozen: bool = True) -> torch.dtype:
     """A module's weight dtype: fp32 when trained, without mixed precision, or when the VAE meets fp16."""
-    if trained or mode == "no" or not half_frozen:
+    if trained or mode == NO_MIXED_PRECISION or not half_frozen:
         return torch.float32
     if module == "vae" and mode == "fp16":
         return torch.float32
-    return _HALF[mode]
+    return compute_dtype(mode)
 
 
 def decide_placement(cfg, device: torch.device) -> Tuple[Placement, List[str]]:
