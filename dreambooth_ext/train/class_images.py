@@ -11,7 +11,6 @@ or lost some files regenerates exactly the files that are missing: byte-identica
 device with the same batch size (see `_batches`), the same picture up to rounding otherwise.
 """
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from dreambooth_ext.atomic import atomic_path
 from dreambooth_ext.bridge.temporaries import remove_stale
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.derived import derived_seed, prompt_hash
 from dreambooth_ext.train.images import list_images
 from dreambooth_ext.train.inference import AutocastFactory, generate_images
 from dreambooth_ext.train.models import ModelBundle, make_pipeline
@@ -54,14 +54,9 @@ def count_class_images(folder) -> int:
     return len(list_images(folder)[0])
 
 
-def prompt_hash(prompt: str) -> str:
-    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
-
-
 def image_seed(seed: int, prompt: str, index: int) -> int:
     """A seed of its own for every class image, stable across runs and machines."""
-    digest = hashlib.sha256(f"{seed}\n{prompt}\n{index}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derived_seed(seed, prompt, index, lines=True)
 
 
 def class_image_name(prompt: str, index: int) -> str:

@@ -14,7 +14,6 @@ run's class images, samples and resumable state live with the models it writes.
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -291,8 +290,9 @@ class TrainConfig:
         if concept.class_dir:
             return Path(concept.class_dir)
         slug = re.sub(r"[^a-z0-9]+", "_", concept.class_prompt.lower()).strip("_")[:48] or "class"
-        digest = hashlib.sha1(concept.class_prompt.encode("utf-8")).hexdigest()[:8]
-        return self.workspace_path() / "class_images" / f"{slug}_{digest}"
+        from dreambooth_ext.train.derived import prompt_hash
+
+        return self.workspace_path() / "class_images" / f"{slug}_{prompt_hash(concept.class_prompt)}"
 
 
 # ---------------------------------------------------------------------------------------------
