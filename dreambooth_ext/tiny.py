@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
+from dreambooth_ext.bridge.components import text_encoder_name
 from dreambooth_ext.bridge.family_data import load_family
 
 TINY_UNET = {
@@ -83,7 +84,7 @@ def build_models(fam: dict, seed: int = 0) -> Dict[str, torch.nn.Module]:
             # a fresh layer norm has bias 0, so the encoder's output averages to exactly 0 once saved
             # in fp16, and the WebUI's prompt emphasis (z * mean(z) / mean(z * weights)) divides 0 by 0
             encoder.text_model.final_layer_norm.bias.normal_(0.0, 0.1)
-        models["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+        models[text_encoder_name(i)] = encoder
     _sharpen_vae(models["vae"], fam["vae"]["latent_channels"])
     scale = _unit_variance_scale(models["vae"])
     models["vae"].register_to_config(scaling_factor=scale)

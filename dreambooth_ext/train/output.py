@@ -6,6 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from dreambooth_ext.bridge.components import text_encoder_name
 from dreambooth_ext.dtypes import DTYPES
 from dreambooth_ext.train import lora as lora_lib
 
@@ -72,7 +73,7 @@ def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
     replace = {"unet": plain_state_dict(trainables.unet, bundle.folder, "unet")}
     if trainables.te_trained:
         for i, te in enumerate(trainables.text_encoders):
-            name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+            name = text_encoder_name(i)
             replace[name] = plain_state_dict(te, bundle.folder, name)
     from dreambooth_ext.train.model_metadata import modelspec
 

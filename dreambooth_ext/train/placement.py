@@ -20,6 +20,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from dreambooth_ext.bridge.components import TEXT_ENCODER
 from dreambooth_ext.dtypes import NO_MIXED_PRECISION, compute_dtype, dtype_name
 from dreambooth_ext.errors import UserError
 
@@ -61,7 +62,7 @@ class Placement:
         return dataclasses.replace(self, device=torch.device(device))
 
     def load_dtypes(self) -> Dict[str, torch.dtype]:
-        return {"unet": self.unet_dtype, "vae": self.vae_dtype, "text_encoder": self.text_encoder_dtype}
+        return {"unet": self.unet_dtype, "vae": self.vae_dtype, TEXT_ENCODER: self.text_encoder_dtype}
 
     def where(self, phase: str) -> Dict[str, torch.device]:
         """Device of the UNet, the VAE and the text encoders in a phase."""
@@ -71,7 +72,7 @@ class Placement:
         training = phase == "train"
         return {"unet": dev,
                 "vae": cpu if training and self.vae_off_device_in_training else dev,
-                "text_encoder": cpu if training and self.text_encoders_off_device_in_training else dev}
+                TEXT_ENCODER: cpu if training and self.text_encoders_off_device_in_training else dev}
 
     def enter(self, bundle, phase: str) -> None:
         """Move the bundle's modules where the phase wants them (dtypes stay as loaded)."""
@@ -79,7 +80,7 @@ class Placement:
         _move(bundle.unet, devices["unet"])
         _move(bundle.vae, devices["vae"])
         for te in bundle.text_encoders:
-            _move(te, devices["text_encoder"])
+            _move(te, devices[TEXT_ENCODER])
         if self.device.type == "cuda" and phase == "train":
             torch.cuda.empty_cache()  # what sampling or caching left behind goes back to the pool
 
