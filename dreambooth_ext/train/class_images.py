@@ -11,7 +11,6 @@ or lost some files regenerates exactly the files that are missing: byte-identica
 device with the same batch size (see `_batches`), the same picture up to rounding otherwise.
 """
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from dreambooth_ext.bridge.temporaries import remove_stale
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.derived import derived_seed, prompt_hash
 from dreambooth_ext.train.images import list_images
-from dreambooth_ext.train.inference import AutocastFactory, generate_images
+from dreambooth_ext.train.inference import AutocastFactory, eval_mode, generate_images, pipeline_modules
 from dreambooth_ext.train.models import ModelBundle, make_pipeline
 
 Progress = Callable[[int, int, str], None]
@@ -140,10 +139,6 @@ def _save(image, folder: Path, prompt: str, index: int) -> Path:
     return path
 
 
-def _modules(bundle: ModelBundle) -> List[torch.nn.Module]:
-    return [bundle.unet, bundle.vae] + list(bundle.text_encoders)
-
-
 def _pipeline(bundle: ModelBundle):
     pipe = make_pipeline(bundle)
     if getattr(pipe, "watermark", None) is not None:
@@ -206,33 +201,25 @@ def ensure_class_images(bundle: ModelBundle, jobs: List[ClassJob], *, steps: int
     if not total:
         return made
 
-    modules = _modules(bundle)
-    was_training = [m.training for m in modules]
     done = 0
-    try:
-        for module in modules:
-            module.eval()  # dropout off: the same seed must give the same image
-        pipe = _pipeline(bundle)
+    pipe = _pipeline(bundle)
+    with eval_mode(pipeline_modules(pipe)), torch.no_grad():  # dropout off: the same seed must give the same image
         if progress:
             progress(0, total, f"Generating {total} class images")
-        with torch.no_grad():
-            for job, folder, block, wanted in _batches(plan, batch_size):
-                if should_stop and should_stop():
-                    break
-                images = _generate(pipe, job.prompt, [image_seed(seed, job.prompt, i) for i in block],
-                                   steps=job.steps or steps, guidance=job.guidance or guidance,
-                                   negative_prompt=negative_prompt if job.negative_prompt is None else job.negative_prompt,
-                                   resolution=resolution, autocast=autocast, text=text)
-                for index, image in zip(block, images):
-                    if index in wanted:
-                        _save(image, folder, job.prompt, index)
-                made[str(folder)] += len(wanted)
-                done += len(wanted)
-                if progress:
-                    progress(done, total, f"Class images for '{job.prompt}': {done}/{total}")
-    finally:
-        for module, mode in zip(modules, was_training):
-            module.train(mode)
+        for job, folder, block, wanted in _batches(plan, batch_size):
+            if should_stop and should_stop():
+                break
+            images = _generate(pipe, job.prompt, [image_seed(seed, job.prompt, i) for i in block],
+                               steps=job.steps or steps, guidance=job.guidance or guidance,
+                               negative_prompt=negative_prompt if job.negative_prompt is None else job.negative_prompt,
+                               resolution=resolution, autocast=autocast, text=text)
+            for index, image in zip(block, images):
+                if index in wanted:
+                    _save(image, folder, job.prompt, index)
+            made[str(folder)] += len(wanted)
+            done += len(wanted)
+            if progress:
+                progress(done, total, f"Class images for '{job.prompt}': {done}/{total}")
     return made
 
 
