@@ -7,7 +7,7 @@ from typing import Dict, Optional
 
 import torch
 
-from dreambooth_ext.bridge.components import base_family, encoder_suffix, text_encoder_name
+from dreambooth_ext.bridge.components import TEXT_ENCODER, base_family, encoder_suffix, text_encoder_name
 from dreambooth_ext.bridge.tensor_io import DictSource, RenamedSource, SafetensorsSource, TensorSource
 from dreambooth_ext.errors import UserError
 
@@ -156,7 +156,7 @@ def open_component(folder: Path, name: str) -> TensorSource:
             source = DictSource(torch.load(str(path), map_location="cpu", weights_only=True))
         except Exception as e:
             raise UserError(f"{path} was refused or could not be read ({str(e).splitlines()[0][:160]}); nothing in it was executed.") from None
-    if name.startswith("text_encoder") and _is_v5_text_layout(source.keys()):
+    if name.startswith(TEXT_ENCODER) and _is_v5_text_layout(source.keys()):
         # transformers 5 saves CLIP text models without the `text_model.` level; 4.x would
         # silently leave such weights random, so put the level back
         source = RenamedSource(source, lambda k: "text_model." + k if k.startswith(TEXT_MODEL_HEADS) else k)
