@@ -6,6 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from dreambooth_ext.bridge import checkpoint_suffix
 from dreambooth_ext.bridge.components import text_encoder_name
 from dreambooth_ext.dtypes import DTYPES
 from dreambooth_ext.train import lora as lora_lib
@@ -105,8 +106,7 @@ def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
             record_written(cfg, card)
     # a fully trained text encoder does not fit in a LoRA file: it needs the checkpoint too
     if not trainables.unet_lora or cfg.save_lora_merged or trainables.te_mode == "full":
-        suffix = ".ckpt" if cfg.save_format == "ckpt" else ".safetensors"
-        target = cfg.checkpoint_path() / f"{cfg.name}_{step}{suffix}"
+        target = cfg.checkpoint_path() / f"{cfg.name}_{step}{checkpoint_suffix(cfg.save_format)}"
         guard(cfg, target)
         guard(cfg, target.with_suffix(".yaml"))
         path = write_checkpoint(cfg, bundle, trainables, step, target)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from dreambooth_ext.atomic import write_text
+from dreambooth_ext.bridge import checkpoint_suffix
 from dreambooth_ext.errors import UserError
 
 RECORD = "written.json"
@@ -39,7 +40,7 @@ def _targets(cfg):
     if writes_lora(cfg):
         out.append((cfg.lora_path(), (".safetensors",)))
     if writes_checkpoint(cfg):
-        out.append((cfg.checkpoint_path(), (".ckpt" if cfg.save_format == "ckpt" else ".safetensors", ".yaml")))
+        out.append((cfg.checkpoint_path(), (checkpoint_suffix(cfg.save_format), ".yaml")))
     return out
 
 

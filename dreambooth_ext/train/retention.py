@@ -10,9 +10,10 @@ import re
 from pathlib import Path
 from typing import Dict, List
 
+from dreambooth_ext.bridge import CHECKPOINT_SUFFIXES
 from dreambooth_ext.train.owned_files import owned, read_record
 
-SUFFIXES = (".safetensors", ".ckpt", ".yaml", ".json")
+SUFFIXES = CHECKPOINT_SUFFIXES + (".yaml", ".json")  # a save's model, its yaml and the LoRA's card
 
 
 def owned_saves(cfg) -> Dict[int, List[Path]]:

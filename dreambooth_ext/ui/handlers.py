@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from dreambooth_ext.bridge import is_checkpoint_name
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.hostapi import Host
 from dreambooth_ext.folders import apply_host_folders, check_paths, settings_file
@@ -25,7 +26,6 @@ from dreambooth_ext.train.state import read_progress
 from dreambooth_ext.train.epochs import epoch_note, resolve_max_steps
 from dreambooth_ext.ui.form import config_to_form, default_form, form_to_dict
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 GALLERY_ITEMS = 48  # newest samples a poll sends to the page (a run may make thousands)
 
 
@@ -240,7 +240,7 @@ class Handlers:
                     error=s.error, finished=finished, written=written, queue=queue)
 
     def _checkpoints(self, s: JobState) -> List[str]:
-        return [p for p in s.outputs if p.endswith(CHECKPOINT_SUFFIXES) and not _inside(p, self.host.lora_dir())]
+        return [p for p in s.outputs if is_checkpoint_name(p) and not _inside(p, self.host.lora_dir())]
 
     def activate(self) -> Reply:
         """Make the last finished job's checkpoint the host's active one."""

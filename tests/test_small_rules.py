@@ -1,5 +1,6 @@
-"""Derived seeds and the prompt hash are pinned: a change would alter every resumed run's draws and
-rename or regenerate the class images users already have."""
+"""Small rules that live in one place: derived seeds and the prompt hash (pinned: a change would alter
+every resumed run's draws and rename or regenerate the class images users already have), and the
+checkpoint suffixes."""
 
 from dreambooth_ext.train.class_images import class_image_name, image_seed
 from dreambooth_ext.train.config import Concept, TrainConfig
@@ -18,3 +19,11 @@ def test_class_images_keep_their_seeds_and_names():
 def test_the_default_class_folder_carries_the_same_prompt_hash():
     cfg = TrainConfig(workspace_dir="/w")
     assert cfg.class_path(Concept(class_prompt="a photo of a dog")).name == f"a_photo_of_a_dog_{prompt_hash('a photo of a dog')}"
+
+
+def test_checkpoint_names_in_any_case():
+    from dreambooth_ext.bridge import checkpoint_suffix, is_checkpoint_name
+
+    assert is_checkpoint_name("a/b.safetensors") and is_checkpoint_name("B.CKPT")
+    assert not is_checkpoint_name("a.yaml") and not is_checkpoint_name("safetensors")
+    assert checkpoint_suffix("ckpt") == ".ckpt" and checkpoint_suffix("safetensors") == ".safetensors"
