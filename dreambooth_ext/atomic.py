@@ -47,7 +47,7 @@ def write_failure(path: Path, e: BaseException, existed: bool, what: str = "") -
     what = f"{what} " if what else ""
     before = "the previous one is unchanged" if existed else "nothing was written there"
     if _is_disk_full(e):
-        free = shutil.disk_usage(_existing_parent(path)).free
+        free = shutil.disk_usage(existing_parent(path)).free
         return UserError(f"The disk filled up while writing {what}{path.name} ({free / 2**30:.1f} GiB free in "
                          f"{path.parent}); {before}. Free some space and run it again.")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -58,7 +58,8 @@ def write_failure(path: Path, e: BaseException, existed: bool, what: str = "") -
     return None
 
 
-def _existing_parent(path: Path) -> Path:
+def existing_parent(path: Path) -> Path:
+    """The nearest folder above `path` that exists (the working folder when none does)."""
     for p in [path.parent, *path.parent.parents]:
         if p.exists():
             return p

@@ -27,3 +27,17 @@ def test_checkpoint_names_in_any_case():
     assert is_checkpoint_name("a/b.safetensors") and is_checkpoint_name("B.CKPT")
     assert not is_checkpoint_name("a.yaml") and not is_checkpoint_name("safetensors")
     assert checkpoint_suffix("ckpt") == ".ckpt" and checkpoint_suffix("safetensors") == ".safetensors"
+
+
+def test_within_follows_symlinks_and_dots(tmp_path):
+    from dreambooth_ext.paths import within, within_any
+
+    inner, outer = tmp_path / "models", tmp_path / "elsewhere"
+    inner.mkdir()
+    outer.mkdir()
+    (inner / "link").symlink_to(outer)
+    assert within(inner, inner) and within(inner / "a" / "b.safetensors", inner)
+    assert not within(inner / "link" / "x", inner)  # a symlink leads out
+    assert not within(inner / ".." / "elsewhere", inner)
+    assert within(inner / "link" / "x", outer) and within_any(outer / "x", [inner, outer])
+    assert not within(tmp_path / "models2", inner)  # a name that only starts like the folder

@@ -119,20 +119,17 @@ def _check_instance_folder(folder: str, i: int) -> None:
     check_instance_folder(path, label=f"instance image folder of concept {i}", warn=lambda _w: None)
 
 
-def _inside(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
-
-
 def _check_class_folders(cfg) -> None:
     """Class images written into a subject's own pictures would be trained as the subject."""
+    from dreambooth_ext.paths import within
     from dreambooth_ext.train.class_images import class_jobs_from_config
 
     instances = [(i, Path(c.instance_dir).expanduser().resolve()) for i, c in enumerate(cfg.concepts, 1)]
     for job in class_jobs_from_config(cfg):
         klass = Path(job.folder).expanduser().resolve()
         for i, inst in instances:
-            if _inside(klass, inst) or _inside(inst, klass):
-                where = "is" if klass == inst else ("is inside" if _inside(klass, inst) else "contains")
+            if within(klass, inst) or within(inst, klass):
+                where = "is" if klass == inst else ("is inside" if within(klass, inst) else "contains")
                 raise UserError(f"The class folder {job.folder} {where} the instance image folder of concept {i} "
                                 f"({inst}); class images would be mixed with your own pictures: choose a "
                                 "separate class folder (or leave it empty for one in the workspace).")
