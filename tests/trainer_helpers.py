@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from dreambooth_ext.train.config import Concept, TrainConfig
+from dreambooth_ext.train.images import list_images
 
 DEMO = Path(__file__).resolve().parent.parent / "dreambooth_ext" / "data" / "demo" / "instance"
 TOKEN_PROMPT = "a sks_pixarstyle character"
@@ -19,3 +20,11 @@ def small_config(tmp_path, checkpoint, **overrides) -> TrainConfig:
                 save_dtype="fp32", seed=7)
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def count_class_images(folder) -> int:
+    """Images in `folder` that decode; 0 when the folder does not exist yet."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return len(list_images(folder)[0])

@@ -45,14 +45,6 @@ class ClassJob:
     negative_prompt: Optional[str] = None
 
 
-def count_class_images(folder) -> int:
-    """Images in `folder` that decode; 0 when the folder does not exist yet."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    return len(list_images(folder)[0])
-
-
 def image_seed(seed: int, prompt: str, index: int) -> int:
     """A seed of its own for every class image, stable across runs and machines."""
     return derived_seed(seed, prompt, index, lines=True)
