@@ -16,15 +16,16 @@ from dreambooth_ext.atomic import PARTIAL, PREVIOUS, remove
 _PATTERN = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{PARTIAL}|{PREVIOUS})-(?P<pid>\d+)$")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def pid_alive(pid: int) -> bool:
+    """Is a process with this id running on this machine? (Unknown counts as alive: the safe side.)"""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
-        return True
+        return True  # it exists, owned by someone else
     return True
 
 
@@ -53,7 +54,7 @@ def left_aside(path: Path) -> Optional[Path]:
     """The newest aside of `path` whose writer is gone, if any."""
     path = Path(path)
     asides = [p for p, name, kind, pid in _leftovers(path.parent)
-              if name == path.name and kind == PREVIOUS and not _alive(pid)]
+              if name == path.name and kind == PREVIOUS and not pid_alive(pid)]
     return max(asides, key=lambda p: p.stat().st_mtime) if asides else None
 
 
@@ -76,7 +77,7 @@ def remove_stale(folder: Path, only: Optional[str] = None) -> List[Path]:
     """
     removed = []
     for p, name, kind, pid in _leftovers(Path(folder)):
-        if _alive(pid) or (only is not None and name != only):
+        if pid_alive(pid) or (only is not None and name != only):
             continue
         if kind == PREVIOUS and not (Path(folder) / name).exists():
             continue  # the only copy left: keep it for recover_aside

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from dreambooth_ext.atomic import create_new
+from dreambooth_ext.bridge.temporaries import pid_alive
 from dreambooth_ext.errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -24,19 +25,6 @@ _HELD_LOCK = threading.Lock()
 
 def lock_path(workspace: Path) -> Path:
     return Path(workspace) / LOCK_NAME
-
-
-def pid_alive(pid: int) -> bool:
-    """Is a process with this id running on this machine? (Unknown counts as alive: the safe side.)"""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # it exists, owned by someone else
-    return True
 
 
 def _read(path: Path) -> Optional[dict]:
