@@ -150,9 +150,12 @@ def remove(p: Path) -> None:
         p.unlink()
 
 
-def quiet_remove(p: Path) -> None:
+def quiet_remove(p: Path) -> bool:
+    """remove, never raising (a read-only folder: a cleanup must not hide the real error); False when
+    something is left."""
     try:
         remove(p)
     except OSError:
-        pass  # a read-only folder: the cleanup must not hide the real error
+        return False
+    return not (p.exists() or p.is_symlink())
 

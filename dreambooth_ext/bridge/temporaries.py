@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
-from dreambooth_ext.atomic import PARTIAL, PREVIOUS, remove
+from dreambooth_ext.atomic import PARTIAL, PREVIOUS, quiet_remove
 
 _PATTERN = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{PARTIAL}|{PREVIOUS})-(?P<pid>\d+)$")
 
@@ -40,14 +40,6 @@ def _leftovers(folder: Path):
         if m:
             out.append((Path(folder) / name, m.group("name"), m.group("kind"), int(m.group("pid"))))
     return out
-
-
-def _remove(p: Path) -> bool:
-    try:
-        remove(p)
-    except OSError:
-        return False
-    return not (p.exists() or p.is_symlink())
 
 
 def left_aside(path: Path) -> Optional[Path]:
@@ -81,6 +73,6 @@ def remove_stale(folder: Path, only: Optional[str] = None) -> List[Path]:
             continue
         if kind == PREVIOUS and not (Path(folder) / name).exists():
             continue  # the only copy left: keep it for recover_aside
-        if _remove(p):
+        if quiet_remove(p):
             removed.append(p)
     return removed
