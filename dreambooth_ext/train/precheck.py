@@ -30,7 +30,7 @@ def precheck(cfg: TrainConfig) -> List[str]:
     _check_device_settings(cfg)
     fam = _checkpoint_family(cfg)
     if fam is not None:
-        _check_sizes(cfg, fam)
+        check_sizes(cfg, fam)
     for i, concept in enumerate(cfg.concepts, 1):
         _check_instance_folder(concept.instance_dir, i)
     _check_class_folders(cfg)
@@ -87,7 +87,8 @@ def size_multiple(fam: dict) -> int:
     return vae * 2 ** (len(fam["unet"]["down_block_types"]) - 1)
 
 
-def _check_sizes(cfg, fam: dict) -> None:
+def check_sizes(cfg, fam: dict) -> None:
+    """Refuse a resolution or bucket step the family's downsampling (fam: its "vae" and "unet" configs) cannot take."""
     multiple = size_multiple(fam)
     if cfg.resolution % multiple:
         raise UserError(f"Setting 'resolution' is {cfg.resolution}; this model needs a multiple of {multiple} "
