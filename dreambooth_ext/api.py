@@ -20,6 +20,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.concurrency import run_in_threadpool
 
 from dreambooth_ext import jobs
+from dreambooth_ext.bridge import is_checkpoint_name
 from dreambooth_ext.bridge.tensor_io import SafetensorsSource, sniff_format
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.folders import apply_host_folders, check_paths
@@ -28,7 +29,6 @@ from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.epochs import resolve_max_steps
 
 PREFIX = "/dreambooth/v1"
-MODEL_SUFFIXES = (".safetensors", ".ckpt")
 # Request limits: far above any real run, far below what would stall the server.
 MAX_BODY = 1_000_000  # bytes of a posted config
 MAX_TEXT = 4096  # characters of any one text (a prompt, a path)
@@ -160,7 +160,7 @@ def trained_models(folders: Dict[str, Path], job_names: List[str]) -> List[dict]
                     key = path.resolve()
                 except (OSError, RuntimeError):
                     continue
-                if path.suffix.lower() not in MODEL_SUFFIXES or key in seen:
+                if not is_checkpoint_name(path) or key in seen:
                     continue
                 entry = _model_entry(path, kind, pattern)
                 if entry is not None:

@@ -1,6 +1,6 @@
 """Measuring what training did, in latent space: how close generations come to the instance images.
 
-Used by the tests (a learned token, prior preservation), the demo and the benchmarks.
+Used by the training monitor, the demo and the learning tests.
 """
 
 from pathlib import Path
@@ -54,49 +54,6 @@ def pixel_latents(bundle, images) -> torch.Tensor:
     return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mean.float().cpu() * bundle.vae_scale
 
 
-@torch.no_grad()
-def edited_latents(pipe, prompt: str, starts: torch.Tensor, seeds: Sequence[int], steps: int, strength: float,
-                   guidance: float = 1.0) -> torch.Tensor:
-    """Final latents of image-to-image generations (SDEdit): each start latent noised to `strength` of
-    the schedule with its seed's noise, then denoised under `prompt` with the pipeline's scheduler.
-
-    A model trained for a few hundred steps from random weights denoises well from the middle of
-    the schedule but not from pure noise, where its small errors at high noise levels compound
-    into samples far from anything it was trained on; starting from a picture keeps the
-    generations where the model is accurate, so what they move toward is what training taught.
-    """
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
-    img2img.set_progress_bar_config(disable=True)
-    out = []
-    for start, seed in zip(starts, seeds):
-        # a 4-channel image is taken as already-scaled latents by the pipeline
-        result = img2img(prompt, image=start[None].to(pipe.device, pipe.unet.dtype), strength=strength,
-                         num_inference_steps=steps, guidance_scale=guidance,
-                         generator=torch.Generator().manual_seed(seed), output_type="latent")
-        out.append(result.images[0].float().cpu())
-    return torch.stack(out)
-
-
 def paired_distance(samples: torch.Tensor, references: torch.Tensor) -> float:
     """Mean L2 distance between samples and references of the same index (the same seed)."""
     return (samples.flatten(1) - references.flatten(1)).norm(dim=1).mean().item()
-
-
-@torch.no_grad()
-def denoise_loss(bundle, unet, text_encoder, prompt: str, latents: torch.Tensor,
-                 timesteps: Sequence[int] = (100, 300, 500, 700, 900), seed: int = 0) -> float:
-    """Mean squared error of the noise predicted for `latents` noised at fixed timesteps with fixed noise,
-    under `prompt`: how well a model knows these pictures by that prompt (lower = better known)."""
-    tokenizer = bundle.tokenizers[0]
-    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    cond = text_encoder(ids)[0].expand(len(latents), -1, -1)
-    total = 0.0
-    for t in timesteps:
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + int(t)))
-        steps = torch.full((len(latents),), int(t))
-        noisy = bundle.noise_scheduler.add_noise(latents, noise, steps)
-        total += (unet(noisy, steps, cond).sample - noise).pow(2).mean().item()
-    return total / len(timesteps)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.paths import resolved, within_any
 from dreambooth_ext.train.config import Concept, TrainConfig, declared
 
 # the settings naming where results go, which the host fills from its own folders (the Host method of the same name)
@@ -43,27 +44,6 @@ def _plain_name(name) -> bool:
         and name not in (".", "..") and "\x00" not in name
 
 
-def resolved(path) -> Path:
-    """The absolute path with symlinks and '..' followed; UserError for a name no file system accepts."""
-    text = str(path)
-    if "\x00" in text:
-        raise UserError(f"The path {text!r} contains a NUL character; type the path again without it.")
-    try:
-        return Path(text).expanduser().resolve()
-    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name too long
-        raise UserError(f"The path {text!r} cannot be used ({e.__class__.__name__}); give another one.") from None
-
-
-def inside(path, roots: Iterable) -> bool:
-    """True when `path`, symlinks and '..' followed, is one of `roots` or lies below one."""
-    target = resolved(path)
-    for root in roots:
-        r = resolved(root)
-        if target == r or r in target.parents:
-            return True
-    return False
-
-
 def _found_paths(data: Dict[str, Any]) -> List[Tuple[str, Any]]:
     found = [(name, data.get(name)) for name in path_settings(TrainConfig)]
     concepts = data.get("concepts")
@@ -86,7 +66,7 @@ def check_paths(data: Dict[str, Any], roots: List[Path], checkpoints: Iterable[s
             raise UserError(f"Setting '{name}' must be a path string, not {type(value).__name__}.")
         if name == "checkpoint" and resolved(value) in listed:
             continue
-        if not inside(value, roots):
+        if not within_any(value, roots):
             raise UserError(f"Setting '{name}' ({value}) {OUTSIDE}.")
 
 
@@ -100,6 +80,6 @@ def settings_file(path: str, roots: List[Path], default: Optional[Path] = None) 
     target = resolved(text)
     if target.suffix.lower() != ".json":
         raise UserError(f"Settings files end in .json; {text} does not, give a name like my_run.json.")
-    if not inside(target, roots):
+    if not within_any(target, roots):
         raise UserError(f"The settings file {text} {OUTSIDE}.")
     return target

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
+from dreambooth_ext.bridge.components import TEXT_ENCODER, text_encoder_name
 from dreambooth_ext.bridge.family_data import load_family
 
 TINY_UNET = {
@@ -83,7 +84,7 @@ def build_models(fam: dict, seed: int = 0) -> Dict[str, torch.nn.Module]:
             # a fresh layer norm has bias 0, so the encoder's output averages to exactly 0 once saved
             # in fp16, and the WebUI's prompt emphasis (z * mean(z) / mean(z * weights)) divides 0 by 0
             encoder.text_model.final_layer_norm.bias.normal_(0.0, 0.1)
-        models["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+        models[text_encoder_name(i)] = encoder
     _sharpen_vae(models["vae"], fam["vae"]["latent_channels"])
     scale = _unit_variance_scale(models["vae"])
     models["vae"].register_to_config(scaling_factor=scale)
@@ -123,7 +124,7 @@ def save_diffusers(fam: dict, models: Dict[str, torch.nn.Module], folder: Path, 
     folder = Path(folder)
     write_configs(folder, fam)
     for name, model in models.items():
-        file = "model.safetensors" if name.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
+        file = "model.safetensors" if name.startswith(TEXT_ENCODER) else "diffusion_pytorch_model.safetensors"
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(folder / name / file))
     if sidecar:
@@ -169,7 +170,7 @@ def single_file_from_models(fam: dict, models: Dict[str, torch.nn.Module], path,
     if not fam["family"].startswith("sd2"):
         te = fam["text_encoders"][0]
         # absolute: the WebUI resolves the yaml's version against its own working folder
-        clip_version = str(write_clip_folder(models["text_encoder"], te["tokenizer_pad"], path.parent / f"{path.stem}.clip").resolve())
+        clip_version = str(write_clip_folder(models[TEXT_ENCODER], te["tokenizer_pad"], path.parent / f"{path.stem}.clip").resolve())
     sidecar = {"family": fam["family"], "yaml_text": generate_yaml(fam, clip_version=clip_version)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_diffusers(fam, models, Path(tmp) / "model", sidecar)

@@ -37,6 +37,7 @@ def install(dest: Path, source: Path = None) -> Path:
     import transformers
 
     from dreambooth_ext.bridge import single_file_to_diffusers
+    from dreambooth_ext.bridge.components import TEXT_ENCODER
     from dreambooth_ext.tiny import write_clip_folder
 
     dest = Path(dest)
@@ -54,7 +55,7 @@ def install(dest: Path, source: Path = None) -> Path:
         _set_version(Path(tmp) / f"{NAME}.yaml", str(Path(tmp) / "clip"))
         folder = Path(tmp) / "diffusers"
         single_file_to_diffusers(Path(tmp) / f"{NAME}.safetensors", folder, progress=lambda _m: None)
-        encoder = transformers.CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+        encoder = transformers.CLIPTextModel.from_pretrained(str(folder / TEXT_ENCODER))
         write_clip_folder(encoder, "<|endoftext|>", clip)
     shutil.copyfile(shipped, dest)
     shutil.copyfile(shipped.with_suffix(".yaml"), dest.with_suffix(".yaml"))

@@ -8,12 +8,12 @@ What a model knows is measured as its denoising loss on reference latents under 
 
 import copy
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 
 from dreambooth_ext.bridge import single_file_to_diffusers
-from dreambooth_ext.evaluate import denoise_loss, image_latents
+from dreambooth_ext.evaluate import image_latents
 from dreambooth_ext.train.config import Concept, TrainConfig
 from dreambooth_ext.train.images import list_images
 from dreambooth_ext.train.lora_export import load_webui_lora
@@ -120,3 +120,21 @@ def ratios(world, name: str, **overrides) -> Dict[str, float]:
     out = {p: after[p] / before[p] for p in refs}
     print(name, {p: round(v, 3) for p, v in out.items()})
     return out
+
+
+@torch.no_grad()
+def denoise_loss(bundle, unet, text_encoder, prompt: str, latents: torch.Tensor,
+                 timesteps: Sequence[int] = (100, 300, 500, 700, 900), seed: int = 0) -> float:
+    """Mean squared error of the noise predicted for `latents` noised at fixed timesteps with fixed noise,
+    under `prompt`: how well a model knows these pictures by that prompt (lower = better known)."""
+    tokenizer = bundle.tokenizers[0]
+    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    cond = text_encoder(ids)[0].expand(len(latents), -1, -1)
+    total = 0.0
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + int(t)))
+        steps = torch.full((len(latents),), int(t))
+        noisy = bundle.noise_scheduler.add_noise(latents, noise, steps)
+        total += (unet(noisy, steps, cond).sample - noise).pow(2).mean().item()
+    return total / len(timesteps)

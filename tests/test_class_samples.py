@@ -8,11 +8,11 @@ from dreambooth_ext.train.class_images import (
     ClassJob,
     class_image_name,
     class_jobs_from_config,
-    count_class_images,
     ensure_class_images,
 )
 from dreambooth_ext.train.config import Concept, TrainConfig
 from dreambooth_ext.train.samples import generate_samples, make_grid, sample_prompts, sample_seeds, save_grid
+from tests.trainer_helpers import count_class_images
 
 RES = 64
 GEN = dict(steps=2, guidance=7.0, negative_prompt="", resolution=RES)

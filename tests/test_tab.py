@@ -13,7 +13,7 @@ gr = pytest.importorskip("gradio")
 from dreambooth_ext.hostapi import Host  # noqa: E402
 from dreambooth_ext.jobs import JobRunner  # noqa: E402
 from dreambooth_ext.plot import loss_plot  # noqa: E402
-from dreambooth_ext.train.config import Concept, TrainConfig, describe, to_dict  # noqa: E402
+from dreambooth_ext.train.config import Concept, TrainConfig, describe, load_config, to_dict  # noqa: E402
 from dreambooth_ext.train.config_checks import validate  # noqa: E402
 from dreambooth_ext.ui import form as F  # noqa: E402
 from dreambooth_ext.ui.handlers import Handlers, status_text  # noqa: E402
@@ -106,6 +106,19 @@ def odd_config() -> TrainConfig:
         keep_last_models=3, max_epochs=4)
 
 
+def _form_settings():
+    """Every form value's key and setting, in the order the tab should lay them out."""
+    keys = [(s.name, s) for s in F.top_settings()]
+    for i in range(1, F.CONCEPT_BOXES + 1):
+        keys += [(F.concept_key(i, s.name), s) for s in F.concept_settings()]
+    return keys
+
+
+def _form_to_config(form, extra_concepts=()):
+    """Form values as the TrainConfig a job would get (UserError naming a mistyped setting)."""
+    return load_config(F.form_to_dict(form, extra_concepts))
+
+
 def test_odd_config_changes_every_setting():
     cfg, default = to_dict(odd_config()), to_dict(TrainConfig())
     same = [k for k in default if k not in F.HOST_SETTINGS and cfg[k] == default[k]]
@@ -116,8 +129,8 @@ def test_tab_builds_with_a_widget_per_setting(host):
     tab = Tab(host)
     blocks = tab.build()
     assert isinstance(blocks, gr.Blocks)
-    assert [k for k, _ in F.form_settings()] == sorted(tab.form.keys, key=[k for k, _ in F.form_settings()].index)
-    assert set(tab.form.keys) == {k for k, _ in F.form_settings()}
+    assert [k for k, _ in _form_settings()] == sorted(tab.form.keys, key=[k for k, _ in _form_settings()].index)
+    assert set(tab.form.keys) == {k for k, _ in _form_settings()}
     for key, component in tab.form.components.items():
         if key != "checkpoint":
             assert isinstance(component, WIDGETS[F.widget_kind(tab.form.settings[key])]), key
@@ -145,7 +158,7 @@ def test_form_round_trips_a_config():
     assert len(extras) == 2 and form["concept4.instance_dir"] == "/data/c3"
     assert form["sample_prompts"] == "a sks0 dog on a beach\na sks1 dog, oil painting"
     assert form["sample_seeds"] == "1, 2, 3"
-    back = F.form_to_config(form, extras)
+    back = _form_to_config(form, extras)
     assert to_dict(back) == to_dict(cfg)
     assert F.config_to_form(back) == (form, extras)  # values -> config -> values
 
@@ -154,13 +167,13 @@ def test_form_reads_widget_values_as_typed_in():
     form = F.default_form()
     form.update({"max_steps": 40.0, "resolution": 128.0, "sample_seeds": "5,6  7", "sample_prompts": "\n a \n\n b\n",
                  "concept2.instance_dir": "/x", "concept2.instance_prompt": "a sks thing"})
-    cfg = F.form_to_config(form)
+    cfg = _form_to_config(form)
     assert cfg.max_steps == 40 and cfg.resolution == 128 and cfg.sample_seeds == [5, 6, 7]
     assert cfg.sample_prompts == ["a", "b"]
     assert [c.instance_dir for c in cfg.concepts] == ["/x"]  # empty boxes are left out
     form["max_steps"] = "many"
     with pytest.raises(Exception, match="max_steps"):
-        F.form_to_config(form)
+        _form_to_config(form)
 
 
 def test_save_and_load_config(host):

@@ -43,7 +43,7 @@ def test_json_round_trip_is_exact(tmp_path):
     assert isinstance(back.concepts[1], Concept)
     assert path.read_text(encoding="utf-8") == save_config(back, tmp_path / "again.json").read_text(encoding="utf-8")
     assert isinstance(json.loads(path.read_text())["concepts"], list)
-    assert not list(tmp_path.glob("**/*.tmp"))
+    assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]
 
 
 def test_json_values_are_coerced_sensibly():

@@ -61,7 +61,8 @@ def _recording_train(webui, seen):
 def test_class_images_come_from_the_webuis_txt2img_with_the_base(webui, monkeypatch):
     from modules import processing
 
-    from dreambooth_ext.train.class_images import class_image_name, count_class_images, image_seed
+    from dreambooth_ext.train.class_images import class_image_name, image_seed
+    from tests.trainer_helpers import count_class_images
 
     _two_checkpoints(webui)
     monkeypatch.setattr(processing, "calls", [])

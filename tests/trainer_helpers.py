@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from dreambooth_ext.train.config import Concept, TrainConfig
+from dreambooth_ext.train.images import list_images
 
 DEMO = Path(__file__).resolve().parent.parent / "dreambooth_ext" / "data" / "demo" / "instance"
 TOKEN_PROMPT = "a sks_pixarstyle character"
@@ -40,3 +41,11 @@ def capture_bundles(monkeypatch=None) -> list:
     else:
         monkeypatch.setattr(run_module, "load_bundle", hook)
     return bundles
+
+
+def count_class_images(folder) -> int:
+    """Images in `folder` that decode; 0 when the folder does not exist yet."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return len(list_images(folder)[0])

@@ -4,6 +4,11 @@ Names are imported on first use, so importing a key table does not load diffuser
 """
 
 import importlib
+import os
+from typing import Union
+
+# the single-file checkpoint formats, as the WebUI lists them (any case: .SAFETENSORS too)
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 _EXPORTS = {
     "Detection": "detect",
@@ -14,7 +19,17 @@ _EXPORTS = {
     "diffusers_to_single_file": "to_single",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + ["CHECKPOINT_SUFFIXES", "is_checkpoint_name", "checkpoint_suffix"]
+
+
+def is_checkpoint_name(path: Union[str, os.PathLike]) -> bool:
+    """Does the name end in a single-file checkpoint suffix (in any case)?"""
+    return os.fspath(path).lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+def checkpoint_suffix(save_format: str) -> str:
+    """The file suffix of the save_format setting ('safetensors' or 'ckpt')."""
+    return ".ckpt" if save_format == "ckpt" else ".safetensors"
 
 
 def __getattr__(name):

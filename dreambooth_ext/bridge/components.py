@@ -23,6 +23,19 @@ TEXT_ENCODER_LAYOUTS = {
 }
 
 
+TEXT_ENCODER = "text_encoder"  # diffusers' name of the (first) text encoder; also the key of all of them
+
+
+def encoder_suffix(i: int) -> str:
+    """How diffusers tells the i-th text encoder and tokenizer apart: '', '_2'."""
+    return "" if i == 0 else f"_{i + 1}"
+
+
+def text_encoder_name(i: int) -> str:
+    """The diffusers name (subfolder, pipeline attribute) of the i-th text encoder: text_encoder, text_encoder_2."""
+    return TEXT_ENCODER + encoder_suffix(i)
+
+
 def base_family(family: str) -> str:
     """sd2-v shares sd2's weights layout; only the prediction type differs."""
     return "sd2" if family.startswith("sd2") else family
@@ -94,6 +107,5 @@ def components_for(family: dict) -> List[Component]:
             rows = clip_rows(list(shapes))
         else:
             rows = openclip_rows(te["config"]["num_hidden_layers"], te["class"] == "CLIPTextModelWithProjection")
-        name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
-        comps.append(Component(name, prefix, "model.safetensors", shapes, prefixed(rows, prefix, "")))
+        comps.append(Component(text_encoder_name(i), prefix, "model.safetensors", shapes, prefixed(rows, prefix, "")))
     return comps

@@ -8,18 +8,9 @@ file (a folder of someone's files is never deleted), and a folder that cannot be
 import os
 from pathlib import Path
 
+from dreambooth_ext.atomic import existing_parent
 from dreambooth_ext.errors import UserError
-
-
-def _inside(a: Path, b: Path) -> bool:
-    return b in a.parents
-
-
-def _writable_parent(dst: Path) -> Path:
-    for p in [dst.parent, *dst.parent.parents]:
-        if p.exists():
-            return p
-    return Path.cwd()
+from dreambooth_ext.paths import within
 
 
 def check_destination(src, dst, overwrite: bool, kind: str) -> None:
@@ -30,9 +21,9 @@ def check_destination(src, dst, overwrite: bool, kind: str) -> None:
     s, d = src.resolve(), dst.resolve()
     if s == d:
         raise UserError(f"The destination {dst} is the source itself; choose another destination.")
-    if _inside(d, s):
+    if within(d, s):
         raise UserError(f"The destination {dst} is inside the source {src}; choose a destination outside it.")
-    if _inside(s, d):
+    if within(s, d):
         raise UserError(f"The source {src} is inside the destination {dst}, which a conversion would replace; "
                         "choose another destination.")
     if dst.exists() or dst.is_symlink():
@@ -44,6 +35,6 @@ def check_destination(src, dst, overwrite: bool, kind: str) -> None:
         if kind == "file" and not (dst.is_file() and not dst.is_symlink()
                                    and sniff_format(dst) in ("safetensors", "zip", "pickle")):
             raise UserError(f"{dst} is not a checkpoint file, so it is never replaced; choose another destination.")
-    parent = _writable_parent(dst)
+    parent = existing_parent(dst)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{dst} cannot be written: {parent} is read-only or not yours; choose another destination.")

@@ -7,7 +7,7 @@ from typing import Dict, Optional
 
 import torch
 
-from dreambooth_ext.bridge.components import base_family
+from dreambooth_ext.bridge.components import TEXT_ENCODER, base_family, encoder_suffix, text_encoder_name
 from dreambooth_ext.bridge.tensor_io import DictSource, RenamedSource, SafetensorsSource, TensorSource
 from dreambooth_ext.errors import UserError
 
@@ -45,15 +45,15 @@ def write_configs(folder: Path, family: dict):
         "vae": ["diffusers", "AutoencoderKL"],
     }
     for i, te in enumerate(family["text_encoders"]):
-        suffix = "" if i == 0 else f"_{i + 1}"
-        _dump(folder / f"text_encoder{suffix}" / "config.json", text_encoder_config_json(te))
+        suffix = encoder_suffix(i)
+        _dump(folder / text_encoder_name(i) / "config.json", text_encoder_config_json(te))
         tok_dir = folder / f"tokenizer{suffix}"
         if te.get("tokenizer_dir"):
             _copy_tokenizer(Path(te["tokenizer_dir"]), tok_dir)
         else:
             write_tokenizer(tok_dir, pad_token=te.get("tokenizer_pad", "<|endoftext|>"),
                             model_max_length=te["config"].get("max_position_embeddings", 77))
-        index[f"text_encoder{suffix}"] = ["transformers", te["class"]]
+        index[text_encoder_name(i)] = ["transformers", te["class"]]
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
     if family["pipeline"] == "StableDiffusionPipeline":
         index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
@@ -93,9 +93,9 @@ def family_from_folder(folder: Path) -> dict:
     sidecar = read_sidecar(folder)
     pipeline = index.get("_class_name", "")
     if "XL" in pipeline:
-        names = ["text_encoder", "text_encoder_2"]
+        names = [text_encoder_name(0), text_encoder_name(1)]
     elif pipeline.startswith("StableDiffusion"):
-        names = ["text_encoder"]
+        names = [text_encoder_name(0)]
     else:
         raise UserError(f"{folder.name} holds a {pipeline or 'unknown'} pipeline; only Stable Diffusion 1.x/2.x/XL folders convert to a WebUI checkpoint.")
     text_encoders = []
@@ -156,7 +156,7 @@ def open_component(folder: Path, name: str) -> TensorSource:
             source = DictSource(torch.load(str(path), map_location="cpu", weights_only=True))
         except Exception as e:
             raise UserError(f"{path} was refused or could not be read ({str(e).splitlines()[0][:160]}); nothing in it was executed.") from None
-    if name.startswith("text_encoder") and _is_v5_text_layout(source.keys()):
+    if name.startswith(TEXT_ENCODER) and _is_v5_text_layout(source.keys()):
         # transformers 5 saves CLIP text models without the `text_model.` level; 4.x would
         # silently leave such weights random, so put the level back
         source = RenamedSource(source, lambda k: "text_model." + k if k.startswith(TEXT_MODEL_HEADS) else k)

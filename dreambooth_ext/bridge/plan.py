@@ -5,7 +5,7 @@ tensor only when the writer asks for it.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import List, Optional, Set
 
 import torch
 
@@ -99,5 +99,3 @@ def shapes_summary(problems: List[str], limit: int = 4) -> str:
     more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
     return "; ".join(problems[:limit]) + more
 
-
-DTYPES: Dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -8,22 +8,24 @@ back, otherwise it is stale like any temporary.
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import List, Optional
 
-_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous)-(?P<pid>\d+)$")
+from dreambooth_ext.atomic import PARTIAL, PREVIOUS, quiet_remove
+
+_PATTERN = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{PARTIAL}|{PREVIOUS})-(?P<pid>\d+)$")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def pid_alive(pid: int) -> bool:
+    """Is a process with this id running on this machine? (Unknown counts as alive: the safe side.)"""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
-        return True
+        return True  # it exists, owned by someone else
     return True
 
 
@@ -40,22 +42,11 @@ def _leftovers(folder: Path):
     return out
 
 
-def _remove(p: Path) -> bool:
-    try:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-        return True
-    except OSError:
-        return False
-
-
 def left_aside(path: Path) -> Optional[Path]:
     """The newest aside of `path` whose writer is gone, if any."""
     path = Path(path)
     asides = [p for p, name, kind, pid in _leftovers(path.parent)
-              if name == path.name and kind == "previous" and not _alive(pid)]
+              if name == path.name and kind == PREVIOUS and not pid_alive(pid)]
     return max(asides, key=lambda p: p.stat().st_mtime) if asides else None
 
 
@@ -78,10 +69,10 @@ def remove_stale(folder: Path, only: Optional[str] = None) -> List[Path]:
     """
     removed = []
     for p, name, kind, pid in _leftovers(Path(folder)):
-        if _alive(pid) or (only is not None and name != only):
+        if pid_alive(pid) or (only is not None and name != only):
             continue
-        if kind == "previous" and not (Path(folder) / name).exists():
+        if kind == PREVIOUS and not (Path(folder) / name).exists():
             continue  # the only copy left: keep it for recover_aside
-        if _remove(p):
+        if quiet_remove(p):
             removed.append(p)
     return removed

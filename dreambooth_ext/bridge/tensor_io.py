@@ -7,11 +7,9 @@ into place, so a crash or a full disk never leaves a broken file where the WebUI
 """
 
 import contextlib
-import errno
 import json
 import os
 import re
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 
 import torch
 
+from dreambooth_ext.atomic import atomic_path
 from dreambooth_ext.errors import UserError
 
 ST_DTYPES = {
@@ -304,95 +303,6 @@ def write_safetensors_stream(path: Path, entries: Iterable[Entry], metadata: Opt
                 raise RuntimeError(f"{e.name}: produced {tuple(t.shape)} {t.dtype}, planned {e.shape} {e.dtype}")
             f.write(_tensor_bytes(t))
             del t
-
-
-def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
-
-
-def aside_sibling(path: Path) -> Path:
-    """Where a folder being replaced waits until its successor is in place."""
-    return path.with_name(f".{path.name}.previous-{os.getpid()}")
-
-
-_WRITE_FAILURE_TEXT = ("no space left", "storagefull", "code: 28", "write failed", "unexpected pos", "disk quota")
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # torch.save and safetensors wrap the OS error in their own exception types
-    return not isinstance(e, (OSError, UserError)) and any(t in str(e).lower() for t in _WRITE_FAILURE_TEXT)
-
-
-def write_failure(path: Path, e: BaseException, existed: bool) -> Optional[UserError]:
-    """The one sentence for a failed write of `path`, or None when `e` is not a write failure."""
-    before = "the previous one is unchanged" if existed else "nothing was written there"
-    if _is_disk_full(e):
-        free = shutil.disk_usage(_existing_parent(path)).free
-        return UserError(f"The disk filled up while writing {path.name} ({free / 2**30:.1f} GiB free in "
-                         f"{path.parent}); {before}. Free some space and run it again.")
-    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return UserError(f"{path} cannot be written ({e.strerror or e}; the folder is read-only or not yours); "
-                         f"{before}. Choose another folder or fix its permissions.")
-    if isinstance(e, OSError):
-        return UserError(f"Writing {path} failed ({e.strerror or e}); {before}.")
-    return None
-
-
-def _existing_parent(path: Path) -> Path:
-    for p in [path.parent, *path.parent.parents]:
-        if p.exists():
-            return p
-    return Path.cwd()
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling to write to; put it at `path` only when the block succeeds.
-
-    A folder being replaced is renamed aside first and deleted only after the new one is in
-    place, so one complete copy is on disk at every moment (see recover_aside).
-    """
-    path = Path(path)
-    existed = path.exists()
-    tmp = _temp_sibling(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(tmp)
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            aside = aside_sibling(path)
-            _remove(aside)
-            os.replace(path, aside)  # os.replace cannot overwrite a non-empty folder
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(aside, path)
-                raise
-            _quiet_remove(aside)
-        else:
-            os.replace(tmp, path)
-    except BaseException as e:
-        _quiet_remove(tmp)
-        failure = write_failure(path, e, existed) if isinstance(e, Exception) else None
-        if failure is not None:
-            raise failure from None
-        raise
-
-
-def _quiet_remove(p: Path):
-    try:
-        _remove(p)
-    except OSError:
-        pass  # a read-only folder: the cleanup must not hide the real error
-
-
-def _remove(p: Path):
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
 
 
 def write_safetensors_atomic(path: Path, entries: Iterable[Entry], metadata: Optional[Dict[str, str]] = None):

@@ -10,13 +10,15 @@ from typing import Callable, List, Optional
 
 import torch
 
+from dreambooth_ext.atomic import atomic_path
 from dreambooth_ext.bridge.components import EMA_PREFIX, LEGACY_CLIP_PREFIX, base_family, components_for
 from dreambooth_ext.bridge.detect import Detection, detect_family
 from dreambooth_ext.bridge.diffusers_folder import EXTRAS, SIDECAR, write_configs
 from dreambooth_ext.bridge.family_data import load_family
 from dreambooth_ext.bridge.keymap_text import strip_legacy_clip
-from dreambooth_ext.bridge.plan import DTYPES, cast_to, plan_to_diffusers, shapes_summary
-from dreambooth_ext.bridge.tensor_io import Entry, RenamedSource, TensorSource, atomic_path, open_checkpoint, write_safetensors_stream
+from dreambooth_ext.bridge.plan import cast_to, plan_to_diffusers, shapes_summary
+from dreambooth_ext.bridge.tensor_io import Entry, RenamedSource, TensorSource, open_checkpoint, write_safetensors_stream
+from dreambooth_ext.dtypes import DTYPES
 from dreambooth_ext.errors import Cancelled, UserError
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,14 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from dreambooth_ext.atomic import atomic_path
+from dreambooth_ext.bridge import is_checkpoint_name
 from dreambooth_ext.bridge.components import EMA_PREFIX, LEGACY_CLIP_PREFIX, base_family, components_for
 from dreambooth_ext.bridge.diffusers_folder import extras_source, family_from_folder, open_component, read_sidecar
 from dreambooth_ext.bridge.family_data import load_family
-from dreambooth_ext.bridge.plan import DTYPES, cast_to, plan_to_single, shapes_summary
-from dreambooth_ext.bridge.tensor_io import DictSource, Entry, atomic_path, write_ckpt_atomic, write_safetensors_atomic
+from dreambooth_ext.bridge.plan import cast_to, plan_to_single, shapes_summary
+from dreambooth_ext.bridge.tensor_io import DictSource, Entry, write_ckpt_atomic, write_safetensors_atomic
+from dreambooth_ext.dtypes import DTYPES
 from dreambooth_ext.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,7 @@ def diffusers_to_single_file(src, dst, dtype: Optional[str] = None, metadata: Op
     say = progress or log.info
     if not src.is_dir():
         raise UserError(f"{src} is not a folder; a diffusers model is a folder with model_index.json in it.")
-    if dst.suffix not in (".safetensors", ".ckpt"):
+    if not is_checkpoint_name(dst):
         raise UserError(f"{dst.name}: the output must end in .safetensors (recommended) or .ckpt.")
     from dreambooth_ext.bridge.destination import check_destination
 
@@ -108,7 +111,7 @@ def diffusers_to_single_file(src, dst, dtype: Optional[str] = None, metadata: Op
             e.name = _legacy_name(e.name)
     meta = _metadata(fam, sidecar, metadata)
     say(f"writing {dst} ({len(entries)} tensors)")
-    if dst.suffix == ".ckpt":
+    if dst.suffix.lower() == ".ckpt":
         write_ckpt_atomic(dst, entries, meta)
     else:
         write_safetensors_atomic(dst, entries, meta)

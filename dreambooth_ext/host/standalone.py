@@ -11,13 +11,13 @@ import threading
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
+from dreambooth_ext.bridge import is_checkpoint_name
 from dreambooth_ext.hostapi import Host
 
 log = logging.getLogger("dreambooth_ext.standalone")
 
 TINY_NAME = "tiny-sd1.safetensors"
 LOCAL_ADDRESSES = ("127.0.0.1", "localhost", "::1")
-CHECKPOINT_PATTERNS = ("*.safetensors", "*.ckpt")
 
 
 class StandaloneHost(Host):
@@ -52,7 +52,7 @@ class StandaloneHost(Host):
         if self._offer_tiny:
             self.tiny_checkpoint()
         root = self.checkpoint_dir()
-        found = {p for pattern in CHECKPOINT_PATTERNS for p in root.rglob(pattern)} if root.is_dir() else set()
+        found = {p for p in root.rglob("*") if is_checkpoint_name(p.name)} if root.is_dir() else set()
         return [(p.relative_to(root).as_posix(), str(p)) for p in sorted(found)]
 
     def active_checkpoint(self) -> Optional[str]:

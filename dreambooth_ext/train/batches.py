@@ -7,7 +7,8 @@ import torch
 
 from dreambooth_ext.train.caption_variation import caption_for_step, varies
 from dreambooth_ext.train.conditioning import TextOptions, encode_prompts, pad_chunks, sdxl_time_ids
-from dreambooth_ext.train.dataset import ExampleSet, LatentSource, View, choose_view, derived_seed, flip_at
+from dreambooth_ext.train.dataset import ExampleSet, LatentSource, View, choose_view, flip_at
+from dreambooth_ext.train.derived import derived_seed
 from dreambooth_ext.train.loss import noised, prediction_loss
 
 

@@ -8,7 +8,7 @@ of (seed, micro-batch index, slot), so a resumed run sees exactly the captions a
 
 import random
 
-from dreambooth_ext.train.dataset import derived_seed
+from dreambooth_ext.train.derived import derived_seed
 
 
 def shuffle_tags(caption: str, keep: int, rng: random.Random) -> str:

@@ -11,8 +11,6 @@ or lost some files regenerates exactly the files that are missing: byte-identica
 device with the same batch size (see `_batches`), the same picture up to rounding otherwise.
 """
 
-import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +18,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from dreambooth_ext.atomic import atomic_path
+from dreambooth_ext.bridge.temporaries import remove_stale
 from dreambooth_ext.errors import UserError
+from dreambooth_ext.train.derived import derived_seed, prompt_hash
 from dreambooth_ext.train.images import list_images
-from dreambooth_ext.train.inference import AutocastFactory, generate_images
+from dreambooth_ext.train.inference import AutocastFactory, eval_mode, generate_images, pipeline_modules
 from dreambooth_ext.train.models import ModelBundle, make_pipeline
 
 NOT_IN_WEBUI = ("Setting 'class_image_generator' is 'webui', which works only inside the WebUI (it uses the WebUI's "
@@ -47,22 +48,9 @@ class ClassJob:
     negative_prompt: Optional[str] = None
 
 
-def count_class_images(folder) -> int:
-    """Images in `folder` that decode; 0 when the folder does not exist yet."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    return len(list_images(folder)[0])
-
-
-def prompt_hash(prompt: str) -> str:
-    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
-
-
 def image_seed(seed: int, prompt: str, index: int) -> int:
     """A seed of its own for every class image, stable across runs and machines."""
-    digest = hashlib.sha256(f"{seed}\n{prompt}\n{index}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derived_seed(seed, prompt, index, lines=True)
 
 
 def class_image_name(prompt: str, index: int) -> str:
@@ -125,7 +113,8 @@ def _missing_indices(folder: Path, job: ClassJob) -> List[int]:
 
 def _remove_stale_tmp(folder: Path) -> None:
     # Left by a run killed mid-write; never counted, but not worth keeping either.
-    for path in folder.glob(_TMP_PREFIX + "*.tmp"):
+    remove_stale(folder)
+    for path in folder.glob(_TMP_PREFIX + "*.tmp"):  # the old temporaries' name (.NAME.tmp)
         try:
             path.unlink()
         except OSError:
@@ -133,20 +122,8 @@ def _remove_stale_tmp(folder: Path) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    from dreambooth_ext.bridge.tensor_io import write_failure
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    existed = path.exists()
-    try:
+    with atomic_path(path, "the class image") as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # a read-only folder: the cleanup must not hide the real error
-        raise (write_failure(path, e, existed) or UserError(
-            f"Could not write the class image {path} ({e.strerror or e}); choose another class folder.")) from None
 
 
 def _save(image, folder: Path, prompt: str, index: int) -> Path:
@@ -155,10 +132,6 @@ def _save(image, folder: Path, prompt: str, index: int) -> Path:
     _write_atomic(path.with_suffix(".txt"), lambda tmp: tmp.write_text(prompt + "\n", encoding="utf-8"))
     _write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
-
-
-def _modules(bundle: ModelBundle) -> List[torch.nn.Module]:
-    return [bundle.unet, bundle.vae] + list(bundle.text_encoders)
 
 
 def _pipeline(bundle: ModelBundle):
@@ -223,33 +196,25 @@ def ensure_class_images(bundle: ModelBundle, jobs: List[ClassJob], *, steps: int
     if not total:
         return made
 
-    modules = _modules(bundle)
-    was_training = [m.training for m in modules]
     done = 0
-    try:
-        for module in modules:
-            module.eval()  # dropout off: the same seed must give the same image
-        pipe = _pipeline(bundle)
+    pipe = _pipeline(bundle)
+    with eval_mode(pipeline_modules(pipe)), torch.no_grad():  # dropout off: the same seed must give the same image
         if progress:
             progress(0, total, f"Generating {total} class images")
-        with torch.no_grad():
-            for job, folder, block, wanted in _batches(plan, batch_size):
-                if should_stop and should_stop():
-                    break
-                images = _generate(pipe, job.prompt, [image_seed(seed, job.prompt, i) for i in block],
-                                   steps=job.steps or steps, guidance=job.guidance or guidance,
-                                   negative_prompt=negative_prompt if job.negative_prompt is None else job.negative_prompt,
-                                   resolution=resolution, autocast=autocast, text=text)
-                for index, image in zip(block, images):
-                    if index in wanted:
-                        _save(image, folder, job.prompt, index)
-                made[str(folder)] += len(wanted)
-                done += len(wanted)
-                if progress:
-                    progress(done, total, f"Class images for '{job.prompt}': {done}/{total}")
-    finally:
-        for module, mode in zip(modules, was_training):
-            module.train(mode)
+        for job, folder, block, wanted in _batches(plan, batch_size):
+            if should_stop and should_stop():
+                break
+            images = _generate(pipe, job.prompt, [image_seed(seed, job.prompt, i) for i in block],
+                               steps=job.steps or steps, guidance=job.guidance or guidance,
+                               negative_prompt=negative_prompt if job.negative_prompt is None else job.negative_prompt,
+                               resolution=resolution, autocast=autocast, text=text)
+            for index, image in zip(block, images):
+                if index in wanted:
+                    _save(image, folder, job.prompt, index)
+            made[str(folder)] += len(wanted)
+            done += len(wanted)
+            if progress:
+                progress(done, total, f"Class images for '{job.prompt}': {done}/{total}")
     return made
 
 

@@ -14,7 +14,6 @@ run's class images, samples and resumable state live with the models it writes.
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -300,8 +299,9 @@ class TrainConfig:
         if concept.class_dir:
             return Path(concept.class_dir)
         slug = re.sub(r"[^a-z0-9]+", "_", concept.class_prompt.lower()).strip("_")[:48] or "class"
-        digest = hashlib.sha1(concept.class_prompt.encode("utf-8")).hexdigest()[:8]
-        return self.workspace_path() / "class_images" / f"{slug}_{digest}"
+        from dreambooth_ext.train.derived import prompt_hash
+
+        return self.workspace_path() / "class_images" / f"{slug}_{prompt_hash(concept.class_prompt)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,9 +493,6 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any], TrainConfig]) ->
 
 def save_config(cfg: TrainConfig, path: Union[str, os.PathLike]) -> Path:
     """Write cfg as JSON, atomically (a temporary name, then a rename); load_config reads it back equal."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from dreambooth_ext.atomic import write_text
+
+    return write_text(path, json.dumps(to_dict(cfg), indent=2) + "\n", "the settings file")

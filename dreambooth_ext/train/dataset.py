@@ -4,7 +4,6 @@ Everything random here is a function of (seed, micro-batch index), not of a runn
 resumed run draws exactly the batches, crops, flips and noise an uninterrupted one would.
 """
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from dreambooth_ext.train import buckets as bk
 from dreambooth_ext.train.captions import prompt_for_image
+from dreambooth_ext.train.derived import derived_seed
 from dreambooth_ext.train.images import check_instance_folder, load_image, scan_folder
 
 
@@ -49,12 +49,6 @@ class ExampleSet:
                 self._orders.clear()
             self._orders[epoch] = bk.group_by_bucket([e.bucket for e in self.examples], self.batch_size, self.seed, epoch)
         return self._orders[epoch]
-
-
-def derived_seed(*parts) -> int:
-    """A 63-bit seed from any values: the basis of every random choice in a run."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _bucket_for(size, cfg, bucket_list) -> Tuple[int, int]:

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from dreambooth_ext.bridge.components import text_encoder_name
 from dreambooth_ext.errors import UserError
 
 
@@ -32,7 +33,7 @@ def check_finite_weights(cfg, trainables, step: int) -> None:
 def check_finite_base(bundle, folder) -> None:
     """A diffusers folder is not converted, so its weights are checked here, once, as they are loaded."""
     for label, module in [("unet", bundle.unet), ("vae", bundle.vae)] + [
-            (f"text_encoder{'' if i == 0 else f'_{i + 1}'}", te) for i, te in enumerate(bundle.text_encoders)]:
+            (text_encoder_name(i), te) for i, te in enumerate(bundle.text_encoders)]:
         for name, p in module.state_dict().items():
             if p.is_floating_point() and not bool(torch.isfinite(p).all()):
                 raise UserError(f"The base model {folder} holds NaN or infinite values ({label}: {name}); it is broken "

@@ -8,11 +8,38 @@ dtype and decoded outside autocast, so a fp32 VAE kept for fp16 runs really deco
 """
 
 import contextlib
-from typing import Callable, ContextManager, List, Optional
+from typing import Callable, ContextManager, Iterable, Iterator, List, Optional
 
 import torch
 
+from dreambooth_ext.bridge.components import text_encoder_name
+
 AutocastFactory = Callable[[], ContextManager]
+
+
+def pipeline_text_encoders(pipe) -> List[torch.nn.Module]:
+    """The pipeline's text encoders in diffusers order: text_encoder, and text_encoder_2 on SDXL."""
+    second = getattr(pipe, text_encoder_name(1), None)
+    return [pipe.text_encoder] + ([second] if second is not None else [])
+
+
+def pipeline_modules(pipe) -> List[torch.nn.Module]:
+    return [pipe.unet, pipe.vae] + pipeline_text_encoders(pipe)
+
+
+@contextlib.contextmanager
+def eval_mode(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """The modules in eval mode inside the block (dropout off: a seed gives the same image), then each
+    back in the train/eval state it came in (the trained ones keep training)."""
+    modules = list(modules)
+    was_training = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
 
 
 def generate_images(pipe, autocast: Optional[AutocastFactory] = None, text=None, **call) -> List:
@@ -40,8 +67,8 @@ def with_embeddings(pipe, call: dict, text) -> dict:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = call.pop("negative_prompt", None) or ""
     negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+    encoders = pipeline_text_encoders(pipe)
+    sdxl = len(encoders) > 1
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
     zero_negative = sdxl and not any(negatives)
     texts = prompts if zero_negative else prompts + negatives

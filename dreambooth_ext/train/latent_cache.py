@@ -65,7 +65,7 @@ class DiskCache:
     def write(self, name: str, mean: torch.Tensor, std: torch.Tensor):
         from safetensors.torch import save_file
 
-        from dreambooth_ext.bridge.tensor_io import atomic_path
+        from dreambooth_ext.atomic import atomic_path
         from dreambooth_ext.errors import UserError
 
         if self._write_failed:

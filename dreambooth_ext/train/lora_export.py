@@ -60,6 +60,7 @@ from dreambooth_ext.train.lora import LoraWeights, adaptable_modules, get_lora_w
 from dreambooth_ext.train.lora_kinds import LORA, kind_of, refused_labels
 
 UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te"  # then _ (SD1, SD2) or 1_ / 2_ (SDXL's two)
 # family -> (ss_base_model_version, ss_v2), the values kohya writes and A1111's detect_version reads
 BASE_VERSIONS = {"sd1": ("sd_v1", False), "sd2": ("sd_v2", True), "sd2-v": ("sd_v2", True), "sdxl": ("sdxl_base_v1-0", False)}
 # layout fields A1111's diffusers-name arithmetic takes for granted
@@ -79,7 +80,12 @@ def _check_family(family: str, text_encoders: Sequence[nn.Module]) -> None:
 
 
 def text_encoder_prefixes(family: str) -> List[str]:
-    return ["lora_te1_", "lora_te2_"] if family == "sdxl" else ["lora_te_"]
+    return [f"{TEXT_ENCODER_PREFIX}1_", f"{TEXT_ENCODER_PREFIX}2_"] if family == "sdxl" else [f"{TEXT_ENCODER_PREFIX}_"]
+
+
+def is_text_encoder_key(key: str) -> bool:
+    """A WebUI LoRA key of a text encoder's layer (any family's spelling)."""
+    return key.startswith(TEXT_ENCODER_PREFIX)
 
 
 def _layout(config: Mapping, field: str):
@@ -130,7 +136,7 @@ def _read_names(unet: nn.Module, text_encoders: Sequence[nn.Module], family: str
             pass
     prefixes = text_encoder_prefixes(family)
     if family != "sdxl":
-        prefixes = prefixes + ["lora_te1_"]  # some SD1 files use te1 (A1111 rule 4 accepts them)
+        prefixes = prefixes + [f"{TEXT_ENCODER_PREFIX}1_"]  # some SD1 files use te1 (A1111 rule 4 accepts them)
     for i, te in enumerate(text_encoders):
         for prefix in (prefixes if family != "sdxl" else [prefixes[i]]):
             for path in adaptable_modules(te):
@@ -185,7 +191,7 @@ def _write_atomic(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[s
     """The bridge's writer: a temporary sibling renamed into place; a full disk is one sentence."""
     from safetensors.torch import save_file
 
-    from dreambooth_ext.bridge.tensor_io import atomic_path
+    from dreambooth_ext.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -9,11 +9,11 @@ user's own fields - "activation text" (added to the prompt with the LoRA), "pref
 
 import datetime
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from dreambooth_ext.atomic import create_new
 from dreambooth_ext.bridge.to_single import ARCHITECTURES
 
 SPEC_VERSION = "1.0.0"
@@ -154,19 +154,6 @@ def write_card(cfg, family: str, model_path: Path) -> Optional[Path]:
         "preferred weight": 0,
         "notes": "",
     }
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(card, indent=4) + "\n", encoding="utf-8")
-    try:
-        os.link(tmp, path)  # fails when a file appeared meanwhile: theirs is kept
-    except FileExistsError:
-        return None
-    except OSError:
-        if path.exists():
-            return None
-        os.replace(tmp, path)
-        return path
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    # a file that appeared meanwhile is theirs, and kept
+    return path if create_new(path, json.dumps(card, indent=4) + "\n", "the card file") else None
 

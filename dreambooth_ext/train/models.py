@@ -91,7 +91,7 @@ def _link_or_copy(src, dst):
 
 def _reuse_conversion(key: dict, base: Path, say: Callable[[str], None]) -> bool:
     """Take another run's conversion of the same checkpoint (a sibling workspace) instead of converting again."""
-    from dreambooth_ext.bridge.tensor_io import atomic_path
+    from dreambooth_ext.atomic import atomic_path
 
     for other in sorted(base.parent.parent.glob("*/base/source.json")):
         folder = other.parent / "model"
@@ -118,28 +118,28 @@ def load_bundle(folder: Path, torch_dtype: torch.dtype = torch.float32,
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+    from dreambooth_ext.bridge.components import TEXT_ENCODER, encoder_suffix, text_encoder_name
     from dreambooth_ext.bridge.diffusers_folder import component_state_dict, family_from_folder
     from dreambooth_ext.bridge.keymap_text import DERIVED_BUFFERS
 
     folder = Path(folder)
     fam = family_from_folder(folder)
-    dtypes = {k: (dtypes or {}).get(k, torch_dtype) for k in ("unet", "vae", "text_encoder")}
+    dtypes = {k: (dtypes or {}).get(k, torch_dtype) for k in ("unet", "vae", TEXT_ENCODER)}
     unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=dtypes["unet"],
                                                 local_files_only=True)
     vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtypes["vae"], local_files_only=True)
     text_encoders, tokenizers = [], []
     for i, te in enumerate(fam["text_encoders"]):
-        suffix = "" if i == 0 else f"_{i + 1}"
-        model = getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"])).to(dtypes["text_encoder"])
-        state = component_state_dict(folder, "text_encoder" + suffix)
+        model = getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"])).to(dtypes[TEXT_ENCODER])
+        state = component_state_dict(folder, text_encoder_name(i))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in DERIVED_BUFFERS]
         unexpected = [k for k in unexpected if k not in DERIVED_BUFFERS]
         if missing or unexpected:
-            raise UserError(f"text_encoder{suffix} in {folder} does not fit its config: "
+            raise UserError(f"{text_encoder_name(i)} in {folder} does not fit its config: "
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}.")
         text_encoders.append(model)
-        tokenizers.append(transformers.CLIPTokenizer.from_pretrained(str(folder / f"tokenizer{suffix}")))
+        tokenizers.append(transformers.CLIPTokenizer.from_pretrained(str(folder / f"tokenizer{encoder_suffix(i)}")))
     scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
     for m in [unet, vae] + text_encoders:
         m.requires_grad_(False)

@@ -22,6 +22,8 @@ from typing import List, Optional
 
 import torch
 
+from dreambooth_ext.atomic import write_text
+
 DRIFT_LIMIT = 0.5
 SEEDS = (9001, 9002, 9003, 9004)
 FILE = "monitor.json"
@@ -54,19 +56,13 @@ class MonitorRecord:
 def _generate(bundle, unet, text_encoders, prompt: str, seeds, steps: int, guidance: float, resolution: int,
               autocast=contextlib.nullcontext):
     from dreambooth_ext.evaluate import generated_latents
+    from dreambooth_ext.train.inference import eval_mode, pipeline_modules
     from dreambooth_ext.train.models import make_pipeline
 
     pipe = make_pipeline(bundle, unet=unet, text_encoders=text_encoders)
-    modules = [pipe.unet] + list(text_encoders or bundle.text_encoders)
-    was = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        with autocast():  # a fp32 trained UNet beside half-precision frozen parts, as for samples
-            return generated_latents(pipe, prompt, seeds, steps, resolution, guidance)
-    finally:
-        for m, mode in zip(modules, was):
-            m.train(mode)
+    # autocast: a fp32 trained UNet beside half-precision frozen parts, as for samples
+    with eval_mode(pipeline_modules(pipe)), autocast():
+        return generated_latents(pipe, prompt, seeds, steps, resolution, guidance)
 
 
 class Monitor:
@@ -107,9 +103,7 @@ class Monitor:
         return point
 
     def save(self):
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self.record), indent=1))
-        tmp.replace(self.path)
+        write_text(self.path, json.dumps(asdict(self.record), indent=1))
 
 
 def describe(point: Point) -> str:

@@ -6,6 +6,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from dreambooth_ext.bridge import checkpoint_suffix
+from dreambooth_ext.bridge.components import text_encoder_name
+from dreambooth_ext.dtypes import DTYPES
 from dreambooth_ext.train import lora as lora_lib
 
 
@@ -71,7 +74,7 @@ def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
     replace = {"unet": plain_state_dict(trainables.unet, bundle.folder, "unet")}
     if trainables.te_trained:
         for i, te in enumerate(trainables.text_encoders):
-            name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+            name = text_encoder_name(i)
             replace[name] = plain_state_dict(te, bundle.folder, name)
     from dreambooth_ext.train.model_metadata import modelspec
 
@@ -93,9 +96,8 @@ def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
         path = cfg.lora_path() / f"{cfg.name}_{step}.safetensors"
         guard(cfg, path)
         tes = trainables.text_encoders if trainables.te_mode == "lora" else []
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
         export_webui_lora(trainables.unet, tes, path, bundle.family, lora_file_metadata(cfg, step, bundle, path),
-                          dtype=dtype)
+                          dtype=DTYPES[cfg.save_dtype])
         record_written(cfg, path)
         reporter.output(str(path), "lora")
         written.append(path)
@@ -104,8 +106,7 @@ def write_outputs(cfg, bundle, trainables, step: int, reporter) -> List[Path]:
             record_written(cfg, card)
     # a fully trained text encoder does not fit in a LoRA file: it needs the checkpoint too
     if not trainables.unet_lora or cfg.save_lora_merged or trainables.te_mode == "full":
-        suffix = ".ckpt" if cfg.save_format == "ckpt" else ".safetensors"
-        target = cfg.checkpoint_path() / f"{cfg.name}_{step}{suffix}"
+        target = cfg.checkpoint_path() / f"{cfg.name}_{step}{checkpoint_suffix(cfg.save_format)}"
         guard(cfg, target)
         guard(cfg, target.with_suffix(".yaml"))
         path = write_checkpoint(cfg, bundle, trainables, step, target)

@@ -10,8 +10,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
+from dreambooth_ext.atomic import write_text
+from dreambooth_ext.bridge import checkpoint_suffix
 from dreambooth_ext.errors import UserError
 
 RECORD = "written.json"
@@ -38,8 +40,21 @@ def _targets(cfg):
     if writes_lora(cfg):
         out.append((cfg.lora_path(), (".safetensors",)))
     if writes_checkpoint(cfg):
-        out.append((cfg.checkpoint_path(), (".ckpt" if cfg.save_format == "ckpt" else ".safetensors", ".yaml")))
+        out.append((cfg.checkpoint_path(), (checkpoint_suffix(cfg.save_format), ".yaml")))
     return out
+
+
+def saved_names(cfg, folder) -> Iterator[Tuple[int, str, Path]]:
+    """(step, suffix, path) of every NAME_<step>.<suffix> in `folder`, by name; none when it is not there."""
+    pattern = re.compile(re.escape(cfg.name) + r"_(\d+)(\.[A-Za-z]+)$")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match:
+            yield int(match.group(1)), match.group(2), Path(folder) / name
 
 
 def _record_path(cfg) -> Path:
@@ -79,14 +94,10 @@ def record_written(cfg, path: Path) -> None:
         return
     record = read_record(cfg)
     record[_key(path)] = ident
-    target = _record_path(cfg)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{RECORD}.partial-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # the file itself is written; only a later replacement is refused
+        write_text(_record_path(cfg), json.dumps(record, indent=1))
+    except UserError:
+        pass  # the file itself is written; only a later replacement is refused
 
 
 def clash_message(cfg, path: Path) -> str:
@@ -104,22 +115,13 @@ def guard(cfg, path: Path) -> None:
 
 def clashes(cfg) -> List[Path]:
     """Existing files that the run's planned saves would replace, and that it did not write."""
-    pattern = re.compile(re.escape(cfg.name) + r"_(\d+)(\.[A-Za-z]+)$")
     record = read_record(cfg)
     base = Path(cfg.checkpoint).expanduser()
     base = _key(base) if str(cfg.checkpoint).strip() else None
     found = []
     for folder, suffixes in _targets(cfg):
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError:
-            continue  # not there yet: nothing to clash with
-        for name in names:
-            match = pattern.fullmatch(name)
-            if not match or match.group(2) not in suffixes or not is_planned_step(cfg, int(match.group(1))):
-                continue
-            path = Path(folder) / name
-            if _key(path) == base or not owned(cfg, path, record):
+        for step, suffix, path in saved_names(cfg, folder):
+            if suffix in suffixes and is_planned_step(cfg, step) and (_key(path) == base or not owned(cfg, path, record)):
                 found.append(path)
     return found
 

@@ -20,11 +20,12 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from dreambooth_ext.bridge.components import TEXT_ENCODER
+from dreambooth_ext.dtypes import NO_MIXED_PRECISION, compute_dtype, dtype_name
 from dreambooth_ext.errors import UserError
 
 EMULATE_ENV = "DREAMBOOTH_EMULATE_GPU_DTYPES"
 PHASES = ("prepare", "train", "sample")
-_HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def emulated_mode() -> str:
@@ -50,18 +51,18 @@ class Placement:
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype autocast runs matrix maths in (fp32 without mixed precision)."""
-        return _HALF.get(self.mode, torch.float32)
+        return compute_dtype(self.mode)
 
     def autocast(self):
         """Mixed precision for inference and the training forward pass; a no-op without it."""
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.mode != "no")
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.mode != NO_MIXED_PRECISION)
 
     def on(self, device) -> "Placement":
         """The same layout on another device (the process's own GPU under `accelerate launch`)."""
         return dataclasses.replace(self, device=torch.device(device))
 
     def load_dtypes(self) -> Dict[str, torch.dtype]:
-        return {"unet": self.unet_dtype, "vae": self.vae_dtype, "text_encoder": self.text_encoder_dtype}
+        return {"unet": self.unet_dtype, "vae": self.vae_dtype, TEXT_ENCODER: self.text_encoder_dtype}
 
     def where(self, phase: str) -> Dict[str, torch.device]:
         """Device of the UNet, the VAE and the text encoders in a phase."""
@@ -71,7 +72,7 @@ class Placement:
         training = phase == "train"
         return {"unet": dev,
                 "vae": cpu if training and self.vae_off_device_in_training else dev,
-                "text_encoder": cpu if training and self.text_encoders_off_device_in_training else dev}
+                TEXT_ENCODER: cpu if training and self.text_encoders_off_device_in_training else dev}
 
     def enter(self, bundle, phase: str) -> None:
         """Move the bundle's modules where the phase wants them (dtypes stay as loaded)."""
@@ -79,14 +80,13 @@ class Placement:
         _move(bundle.unet, devices["unet"])
         _move(bundle.vae, devices["vae"])
         for te in bundle.text_encoders:
-            _move(te, devices["text_encoder"])
+            _move(te, devices[TEXT_ENCODER])
         if self.device.type == "cuda" and phase == "train":
             torch.cuda.empty_cache()  # what sampling or caching left behind goes back to the pool
 
     def describe(self) -> str:
-        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-        return (f"UNet {names[self.unet_dtype]}, VAE {names[self.vae_dtype]}, "
-                f"text encoder {names[self.text_encoder_dtype]}")
+        return (f"UNet {dtype_name(self.unet_dtype)}, VAE {dtype_name(self.vae_dtype)}, "
+                f"text encoder {dtype_name(self.text_encoder_dtype)}")
 
 
 def _move(module: torch.nn.Module, device: torch.device) -> None:
@@ -97,11 +97,11 @@ def _move(module: torch.nn.Module, device: torch.device) -> None:
 
 def stored_dtype(mode: str, *, trained: bool, module: str = "", half_frozen: bool = True) -> torch.dtype:
     """A module's weight dtype: fp32 when trained, without mixed precision, or when the VAE meets fp16."""
-    if trained or mode == "no" or not half_frozen:
+    if trained or mode == NO_MIXED_PRECISION or not half_frozen:
         return torch.float32
     if module == "vae" and mode == "fp16":
         return torch.float32
-    return _HALF[mode]
+    return compute_dtype(mode)
 
 
 def decide_placement(cfg, device: torch.device) -> Tuple[Placement, List[str]]:

@@ -36,7 +36,7 @@ def prechecked(cfg: TrainConfig) -> Checked:
     _check_device_settings(cfg)
     fam = _checkpoint_family(cfg)
     if fam is not None:
-        _check_sizes(cfg, fam)
+        check_sizes(cfg, fam)
     for i, concept in enumerate(cfg.concepts, 1):
         _check_instance_folder(concept.instance_dir, i)
     _check_class_folders(cfg)
@@ -92,7 +92,8 @@ def size_multiple(fam: dict) -> int:
     return vae * 2 ** (len(fam["unet"]["down_block_types"]) - 1)
 
 
-def _check_sizes(cfg, fam: dict) -> None:
+def check_sizes(cfg, fam: dict) -> None:
+    """Refuse a resolution or bucket step the family's downsampling (fam: its "vae" and "unet" configs) cannot take."""
     multiple = size_multiple(fam)
     if cfg.resolution % multiple:
         raise UserError(f"Setting 'resolution' is {cfg.resolution}; this model needs a multiple of {multiple} "
@@ -124,20 +125,17 @@ def _check_instance_folder(folder: str, i: int) -> None:
     check_instance_folder(path, label=f"instance image folder of concept {i}", warn=lambda _w: None)
 
 
-def _inside(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
-
-
 def _check_class_folders(cfg) -> None:
     """Class images written into a subject's own pictures would be trained as the subject."""
+    from dreambooth_ext.paths import within
     from dreambooth_ext.train.class_images import class_jobs_from_config
 
     instances = [(i, Path(c.instance_dir).expanduser().resolve()) for i, c in enumerate(cfg.concepts, 1)]
     for job in class_jobs_from_config(cfg):
         klass = Path(job.folder).expanduser().resolve()
         for i, inst in instances:
-            if _inside(klass, inst) or _inside(inst, klass):
-                where = "is" if klass == inst else ("is inside" if _inside(klass, inst) else "contains")
+            if within(klass, inst) or within(inst, klass):
+                where = "is" if klass == inst else ("is inside" if within(klass, inst) else "contains")
                 raise UserError(f"The class folder {job.folder} {where} the instance image folder of concept {i} "
                                 f"({inst}); class images would be mixed with your own pictures: choose a "
                                 "separate class folder (or leave it empty for one in the workspace).")

@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
+from dreambooth_ext.dtypes import NO_MIXED_PRECISION
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.config import choices_of
 
@@ -22,7 +23,6 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = choices_of("mixed_precision")
 ATTENTIONS = choices_of("attention")
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 DeviceLike = Union[str, torch.device]
 
@@ -62,8 +62,8 @@ def resolve_mixed_precision(setting: str, device: DeviceLike) -> Tuple[str, List
         raise UserError(f"Setting 'mixed_precision' is '{setting}'; choose one of {', '.join(PRECISIONS)}.")
     if device.type != "cuda":
         if setting == "fp16":
-            return "no", [f"mixed_precision fp16 needs a CUDA GPU; training on {device.type} in fp32 instead."]
-        return ("bf16" if setting == "bf16" else "no"), []
+            return NO_MIXED_PRECISION, [f"mixed_precision fp16 needs a CUDA GPU; training on {device.type} in fp32 instead."]
+        return ("bf16" if setting == "bf16" else NO_MIXED_PRECISION), []
     if setting == "auto":
         return ("bf16" if _native_bf16() else "fp16"), []
     if setting == "bf16" and not _native_bf16():

@@ -5,31 +5,23 @@ LoRA's card file. Only files the owned-file record says this run wrote (and nobo
 are ever deleted; a user's file that happens to match the name pattern is left alone.
 """
 
-import os
-import re
 from pathlib import Path
 from typing import Dict, List
 
-from dreambooth_ext.train.owned_files import owned, read_record
+from dreambooth_ext.bridge import CHECKPOINT_SUFFIXES
+from dreambooth_ext.train.owned_files import owned, read_record, saved_names
 
-SUFFIXES = (".safetensors", ".ckpt", ".yaml", ".json")
+SUFFIXES = CHECKPOINT_SUFFIXES + (".yaml", ".json")  # a save's model, its yaml and the LoRA's card
 
 
 def owned_saves(cfg) -> Dict[int, List[Path]]:
     """Step -> the files of that save this run wrote, in the LoRA and checkpoint folders."""
-    pattern = re.compile(re.escape(cfg.name) + r"_(\d+)(\.[A-Za-z]+)$")
     record = read_record(cfg)
     saves: Dict[int, List[Path]] = {}
     for folder in dict.fromkeys([cfg.lora_path(), cfg.checkpoint_path()]):
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError:
-            continue
-        for name in names:
-            match = pattern.fullmatch(name)
-            path = Path(folder) / name
-            if match and match.group(2) in SUFFIXES and path.is_file() and owned(cfg, path, record):
-                saves.setdefault(int(match.group(1)), []).append(path)
+        for step, suffix, path in saved_names(cfg, folder):
+            if suffix in SUFFIXES and path.is_file() and owned(cfg, path, record):
+                saves.setdefault(step, []).append(path)
     return saves
 
 

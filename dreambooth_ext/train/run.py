@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 
+from dreambooth_ext.dtypes import describe_precision
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.batches import MicroBatch, PromptCache
 from dreambooth_ext.train.class_images import NOT_IN_WEBUI, class_jobs_from_config, ensure_class_images
@@ -31,7 +32,7 @@ from dreambooth_ext.train.lora import cast_lora_parameters
 from dreambooth_ext.train.models import load_bundle, prepare_base
 from dreambooth_ext.train.optim import make_lr_scheduler, make_optimizer
 from dreambooth_ext.train.placement import decide_placement, forget_last_accelerator
-from dreambooth_ext.train.precheck import prechecked
+from dreambooth_ext.train.precheck import check_sizes, prechecked
 from dreambooth_ext.train.precision import choose_attention, pick_device
 from dreambooth_ext.train.prompt_length import long_prompt_warning
 from dreambooth_ext.train.reporter import Cancelled, Reporter
@@ -93,7 +94,8 @@ def prepare(cfg: TrainConfig, reporter: Reporter) -> TrainingRun:
     run.bundle = load_bundle(folder, dtypes=run.placement.load_dtypes())
     if Path(folder) == Path(cfg.checkpoint).expanduser():  # a diffusers folder: no conversion checked it
         check_finite_base(run.bundle, folder)
-    _check_sizes(cfg, run.bundle)
+    # precheck read the sizes from the file header where it could; the loaded configs settle it
+    check_sizes(cfg, {"vae": dict(run.bundle.vae.config), "unet": dict(run.bundle.unet.config)})
     if cfg.clip_skip > 1 and run.bundle.family != "sd1":
         reporter.warn(f"Setting 'clip_skip' is {cfg.clip_skip}, but {run.bundle.family} models read their own fixed "
                       "layer of the text encoder (as in the WebUI), so it is ignored.")
@@ -162,8 +164,7 @@ def loop(run: TrainingRun) -> bool:
     """The optimizer steps up to max_steps; False when the user stopped the run (its state is saved)."""
     cfg, acc, reporter, progress, result = run.cfg, run.acc, run.reporter, run.progress, run.result
     procs = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
-    mode = run.placement.mode
-    precision = "fp32" if mode == "no" else f"{mode} mixed precision"
+    precision = describe_precision(run.placement.mode)
     reporter.stage(f"training on {run.device.type} ({precision}, {run.attention} attention{procs}; "
                    f"{run.placement.describe()})")
     reporter.start(progress.step, cfg.max_steps, list(progress.losses))
@@ -300,17 +301,6 @@ def _latent_source(run: TrainingRun) -> LatentSource:
 
     latents.precompute(views, stage_or_stop)
     return latents
-
-
-def _check_sizes(cfg, bundle):
-    """Image sides must survive the VAE's and the UNet's downsampling without a remainder."""
-    vae_factor = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
-    multiple = vae_factor * 2 ** (len(bundle.unet.config.down_block_types) - 1)
-    if cfg.resolution % multiple:
-        raise UserError(f"Setting 'resolution' is {cfg.resolution}; this model needs a multiple of {multiple} "
-                        f"(e.g. {cfg.resolution // multiple * multiple or multiple}).")
-    if cfg.bucketing and cfg.bucket_step % multiple:
-        raise UserError(f"Setting 'bucket_step' is {cfg.bucket_step}; this model needs a multiple of {multiple}.")
 
 
 class _Quiet(Reporter):

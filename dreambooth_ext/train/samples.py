@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dreambooth_ext.errors import UserError
+from dreambooth_ext.atomic import atomic_path
 from dreambooth_ext.train.captions import build_prompt
-from dreambooth_ext.train.inference import AutocastFactory, generate_images
+from dreambooth_ext.train.inference import AutocastFactory, eval_mode, generate_images, pipeline_modules
 from dreambooth_ext.train.models import ModelBundle, make_pipeline
 
 ImageLike = Union[str, os.PathLike, Image.Image]
@@ -64,13 +64,8 @@ def _png_info(prompt: str, seed: int, step: int, *, steps: int, guidance: float,
 
 
 def _save_png(image: Image.Image, path: Path, pnginfo: Optional[PngInfo] = None) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path, "the sample image") as tmp:
         image.save(tmp, format="PNG", pnginfo=pnginfo)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"Could not write the sample image {path} ({e.strerror or e}); free disk space.") from None
     return path
 
 
@@ -86,31 +81,23 @@ def generate_samples(bundle: ModelBundle, unet, text_encoders, prompts: Sequence
     (conditioning.TextOptions) reads long prompts and clip skip as the training does.
     """
     pipe = make_pipeline(bundle, unet=unet, text_encoders=text_encoders)
-    modules = [pipe.unet, pipe.vae, pipe.text_encoder] + ([pipe.text_encoder_2] if bundle.is_sdxl else [])
-    was_training = [m.training for m in modules]
     folder = Path(out_dir) / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     negative = negative_prompt or None
     paths = []
-    try:
-        for m in modules:
-            m.eval()
-        with torch.no_grad():
-            for p_index, prompt in enumerate(prompts):
-                for seed in seeds:
-                    generator = torch.Generator().manual_seed(int(seed))  # CPU: reproducible across devices
-                    image = generate_images(pipe, autocast, text, prompt=prompt, negative_prompt=negative,
-                                            num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                                            width=resolution, generator=generator)[0]
-                    info = _png_info(prompt, seed, step, steps=steps, guidance=guidance,
-                                     negative_prompt=negative_prompt, resolution=resolution)
-                    path = _save_png(image, folder / f"{p_index}-{seed}.png", info)
-                    paths.append(path)
-                    if on_image:
-                        on_image(path, prompt, seed)
-    finally:
-        for m, mode in zip(modules, was_training):
-            m.train(mode)
+    with eval_mode(pipeline_modules(pipe)), torch.no_grad():
+        for p_index, prompt in enumerate(prompts):
+            for seed in seeds:
+                generator = torch.Generator().manual_seed(int(seed))  # CPU: reproducible across devices
+                image = generate_images(pipe, autocast, text, prompt=prompt, negative_prompt=negative,
+                                        num_inference_steps=steps, guidance_scale=guidance, height=resolution,
+                                        width=resolution, generator=generator)[0]
+                info = _png_info(prompt, seed, step, steps=steps, guidance=guidance,
+                                 negative_prompt=negative_prompt, resolution=resolution)
+                path = _save_png(image, folder / f"{p_index}-{seed}.png", info)
+                paths.append(path)
+                if on_image:
+                    on_image(path, prompt, seed)
     return paths
 
 

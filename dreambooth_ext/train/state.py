@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from dreambooth_ext.bridge.tensor_io import atomic_path
+from dreambooth_ext.atomic import atomic_path
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.config import RETIRED, Concept, TrainConfig, declared, to_dict
 

@@ -5,6 +5,7 @@ from typing import Dict, List
 
 import torch
 
+from dreambooth_ext.bridge.components import TEXT_ENCODER, text_encoder_name
 from dreambooth_ext.train import lora as lora_lib
 
 
@@ -45,7 +46,7 @@ class Trainables:
         yield "unet", self.unet, self.unet_lora
         if self.te_trained:
             for i, te in enumerate(self.text_encoders):
-                yield ("text_encoder" if i == 0 else f"text_encoder_{i + 1}"), te, self.te_mode == "lora"
+                yield text_encoder_name(i), te, self.te_mode == "lora"
 
 
 def setup_trainables(cfg, bundle, warn=print) -> Trainables:
@@ -81,17 +82,17 @@ def _setup_trainables(cfg, bundle, warn) -> Trainables:
             lora_lib.add_lora(te, cfg.lora_targets, cfg.lora_rank, alpha, is_text_encoder=True)
             te_params += list(lora_lib.lora_parameters(te))
     if te_params:
-        groups.append({"params": te_params, "lr": cfg.text_encoder_learning_rate, "name": "text_encoder"})
+        groups.append({"params": te_params, "lr": cfg.text_encoder_learning_rate, "name": TEXT_ENCODER})
     if cfg.init_lora:
-        from dreambooth_ext.train.lora_export import apply_webui_lora, load_webui_lora
+        from dreambooth_ext.train.lora_export import apply_webui_lora, is_text_encoder_key, load_webui_lora
 
         earlier = load_webui_lora(cfg.init_lora)
         if cfg.text_encoder_mode != "lora":
-            te_keys = [k for k in earlier if k.startswith("lora_te")]
+            te_keys = [k for k in earlier if is_text_encoder_key(k)]
             if te_keys:
                 warn(f"{cfg.init_lora}: its text-encoder layers are not trained on (text encoder mode is "
                      f"{cfg.text_encoder_mode}); they are left out of this run's LoRA")
-            earlier = {k: v for k, v in earlier.items() if not k.startswith("lora_te")}
+            earlier = {k: v for k, v in earlier.items() if not is_text_encoder_key(k)}
         apply_webui_lora(unet, tes if cfg.text_encoder_mode == "lora" else [], earlier, bundle.family)
         # adapters the file added are new parameters: rebuild the groups from what is now trainable
         groups[0]["params"] = list(lora_lib.lora_parameters(unet))

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from dreambooth_ext.atomic import create_new
+from dreambooth_ext.bridge.temporaries import pid_alive
 from dreambooth_ext.errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -23,19 +25,6 @@ _HELD_LOCK = threading.Lock()
 
 def lock_path(workspace: Path) -> Path:
     return Path(workspace) / LOCK_NAME
-
-
-def pid_alive(pid: int) -> bool:
-    """Is a process with this id running on this machine? (Unknown counts as alive: the safe side.)"""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # it exists, owned by someone else
-    return True
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -128,35 +117,16 @@ def workspace_lock(name: str, workspace: Path) -> Iterator[None]:
 def _acquire(name: str, workspace: Path) -> None:
     path = lock_path(workspace)
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "name": name}
-    tmp = path.with_name(f".{LOCK_NAME}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(mine), encoding="utf-8")
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UserError(f"Could not create the lock file {path} ({e.strerror or e}); the workspace "
-                        f"{workspace} must be writable (and the disk not full).") from None
-    try:
-        for _ in range(3):
-            try:
-                os.link(tmp, path)  # creates the lock with its content in one step, or fails if it exists
-                return
-            except FileExistsError:
-                live = _file_holder(path)
-                if live is not None:
-                    raise UserError(busy_message(name, workspace, live)) from None
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()  # stale: its process is gone
-            except OSError:
-                # a filesystem without hard links: exclusive create, then write
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(json.dumps(mine))
-                return
-        raise UserError(f"Could not take the lock {path}; another run keeps taking it. Try again.")
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    for _ in range(3):
+        # creates the lock with its content in one step, or finds one there
+        if create_new(path, json.dumps(mine), "the lock file"):
+            return
+        live = _file_holder(path)
+        if live is not None:
+            raise UserError(busy_message(name, workspace, live))
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale: its process is gone
+    raise UserError(f"Could not take the lock {path}; another run keeps taking it. Try again.")
 
 
 def _release(workspace: Path) -> None:

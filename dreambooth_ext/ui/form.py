@@ -10,7 +10,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dreambooth_ext.folders import HOST_FOLDERS
-from dreambooth_ext.train.config import Concept, SettingInfo, TrainConfig, describe, load_config, to_dict
+from dreambooth_ext.train.config import Concept, SettingInfo, TrainConfig, describe, to_dict
 
 CONCEPT_BOXES = 4
 # where models go is the host's to say (its folders, --ckpt-dir, --lora-dir), not the form's
@@ -45,14 +45,6 @@ def top_settings() -> List[SettingInfo]:
 
 def concept_settings() -> List[SettingInfo]:
     return describe(Concept)
-
-
-def form_settings() -> List[Tuple[str, SettingInfo]]:
-    """Every form value's key and setting, in the order the tab lays them out."""
-    keys = [(s.name, s) for s in top_settings()]
-    for i in range(1, CONCEPT_BOXES + 1):
-        keys += [(concept_key(i, s.name), s) for s in concept_settings()]
-    return keys
 
 
 def widget_kind(info: SettingInfo) -> str:
@@ -133,11 +125,6 @@ def form_to_dict(form: Dict[str, Any], extra_concepts: Sequence[Dict[str, Any]] 
             concepts.append({s.name: from_widget(s, form[concept_key(i, s.name)]) for s in concept_settings()})
     data["concepts"] = concepts + [dict(c) for c in extra_concepts]
     return data
-
-
-def form_to_config(form: Dict[str, Any], extra_concepts: Sequence[Dict[str, Any]] = ()) -> TrainConfig:
-    """Raises UserError naming the setting when a value has the wrong type."""
-    return load_config(form_to_dict(form, extra_concepts))
 
 
 # ---------------------------------------------------------------------------------------------

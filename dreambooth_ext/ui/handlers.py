@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from dreambooth_ext.bridge import is_checkpoint_name
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.hostapi import Host
 from dreambooth_ext.folders import apply_host_folders, check_paths, settings_file
+from dreambooth_ext.paths import within
 from dreambooth_ext.jobs import RUNNER, JobRunner, JobState, check_host, host_hooks, status_text
 from dreambooth_ext.train.config import TrainConfig, load_config, save_config, to_dict
 from dreambooth_ext.train.config_checks import validate
@@ -25,7 +27,6 @@ from dreambooth_ext.train.state import read_progress
 from dreambooth_ext.train.epochs import epoch_note, resolve_max_steps
 from dreambooth_ext.ui.form import config_to_form, default_form, form_to_dict
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 GALLERY_ITEMS = 48  # newest samples a poll sends to the page (a run may make thousands)
 
 
@@ -240,7 +241,7 @@ class Handlers:
                     error=s.error, finished=finished, written=written, queue=queue)
 
     def _checkpoints(self, s: JobState) -> List[str]:
-        return [p for p in s.outputs if p.endswith(CHECKPOINT_SUFFIXES) and not _inside(p, self.host.lora_dir())]
+        return [p for p in s.outputs if is_checkpoint_name(p) and not within(p, self.host.lora_dir())]
 
     def activate(self) -> Reply:
         """Make the last finished job's checkpoint the host's active one."""
@@ -316,7 +317,7 @@ def outputs_html(paths: Sequence[str], lora_dir: Path) -> str:
     items = []
     for p in paths:
         use = (f" &mdash; use it in a prompt as <code>&lt;lora:{html.escape(Path(p).stem)}:1&gt;</code>"
-               if _inside(p, lora_dir) else "")
+               if within(p, lora_dir) else "")
         items.append(f"<li><code>{html.escape(p)}</code>{use}</li>")
     return f'<ul class="dreambooth-outputs">{"".join(items)}</ul>'
 
@@ -366,9 +367,3 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def _inside(path, folder) -> bool:
-    try:
-        Path(path).resolve().relative_to(Path(folder).resolve())
-        return True
-    except ValueError:
-        return False
