@@ -32,7 +32,7 @@ def check_clip_folder(path: str) -> Path:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise UserError(f"{what}, a folder without a readable config.json; give the folder of a CLIP model saved "
-                        "by transformers (e.g. a snapshot of openai/clip-vit-large-patch14).") from None
+                        "by transformers, such as a snapshot of openai/clip-vit-large-patch14.") from None
     kind = config.get("model_type") if isinstance(config, dict) else None
     if kind != "clip":
         raise UserError(f"{what}, which holds a {kind or 'model of no stated type'}, not a full CLIP model (vision "
