@@ -145,3 +145,24 @@ def test_a_run_measures_at_each_sample_step_and_keeps_the_figures(tmp_path, draw
     # the figures are measured on the trained weights: the class pictures have moved from the base's
     assert all(p.fidelity > 0 and p.drift > 0 for p in record.points)
     assert record.points[-1].drift > record.points[0].drift
+
+
+def test_a_resumed_run_keeps_the_figures_of_the_steps_before_its_state(tmp_path, tiny_checkpoints):
+    settings = dict(max_steps=4, sample_every=2, sample_steps=2, num_sample_images=1, save_state_every=2)
+    first = small_config(tmp_path, tiny_checkpoints("sd1"), **settings)
+    assert train(first, RecordingReporter()).status == "finished"
+    before = read_record(first.workspace_path())
+    assert [p.step for p in before.points] == [2, 4]
+    seen = []
+
+    def on_event(event, job):
+        if event == "start":  # the plot starts with the figures of the steps already trained
+            seen.append([p.step for p in job.snapshot().monitor])
+
+    job = JobRunner().start(small_config(tmp_path, tiny_checkpoints("sd1"), **{**settings, "max_steps": 6}),
+                            on_event=on_event, background=False)
+    state = job.snapshot()
+    assert state.status == "finished", state.error
+    assert seen == [[2, 4]] and [p.step for p in state.monitor] == [2, 4, 6]
+    after = read_record(first.workspace_path())
+    assert [p.step for p in after.points] == [2, 4, 6] and after.points[:2] == before.points
