@@ -79,7 +79,7 @@ def monitor_plot(points: Sequence, drift_limit: float, best: Optional[int] = Non
         series = [(n, c, [(p.step, getattr(p, a)) for p in points if getattr(p, a, None) is not None])
                   for n, c, a in zip(names, CLIP_COLOURS, ("clip_i", "clip_t", "class_clip_i"))]
         _panel(draw, font, (left, panels[1][0], right, panels[1][1]), (x0, x1), [s for s in series if s[2]],
-               best=best)
+               best=best, best_label=False)
     bottom = panels[-1][1]
     draw.text((left, bottom + 6), f"step {int(x0)}", fill=GREY, font=font)
     end_label = f"step {int(steps[-1])}"
@@ -87,7 +87,7 @@ def monitor_plot(points: Sequence, drift_limit: float, best: Optional[int] = Non
     return img
 
 
-def _panel(draw, font, box, x_range, series, limit=None, best=None):
+def _panel(draw, font, box, x_range, series, limit=None, best=None, best_label=True):
     """One framed chart: value grid, a line (or a dot) per series, a dashed limit line, the best step."""
     left, top, right, bottom = box
     x0, x1 = x_range
@@ -97,8 +97,10 @@ def _panel(draw, font, box, x_range, series, limit=None, best=None):
     pad = (y1 - y0) * 0.08 or 0.5
     y0, y1 = y0 - pad, y1 + pad
 
+    inner = top + 12 * len(series) + 6  # the legend's rows stay above the curves
+
     def xy(step, value):
-        return (left + (step - x0) / (x1 - x0) * (right - left), bottom - (value - y0) / (y1 - y0) * (bottom - top))
+        return (left + (step - x0) / (x1 - x0) * (right - left), bottom - (value - y0) / (y1 - y0) * (bottom - inner))
 
     for i in range(5):
         v = y0 + (y1 - y0) * i / 4
@@ -113,7 +115,7 @@ def _panel(draw, font, box, x_range, series, limit=None, best=None):
     if best is not None and x0 <= best <= x1:
         x = xy(best, y0)[0]
         draw.line([x, top, x, bottom], fill=BEST, width=1)
-        label = f"best step {best}"
+        label = f"best step {best}" if best_label else ""
         draw.text((min(x + 3, right - 6 * len(label) - 2), bottom - 14), label, fill=BEST, font=font)
     for _name, colour, pts in series:
         line = [xy(s, v) for s, v in pts]

@@ -243,8 +243,9 @@ def _model_file(record: MonitorRecord, step: int) -> str:
         return ""
     if step == record.max_steps or (record.save_model_every and step % record.save_model_every == 0):
         return f"; its model is {record.name}_{step}"
-    return ("; no model was saved at that step (set save_model_every to a multiple of sample_every to keep "
-            "one to pick)")
+    every = f"save_model_every is {record.save_model_every}" if record.save_model_every else "only the last is"
+    return (f"; no model was saved at that step ({every}; set save_model_every equal to sample_every to keep one "
+            "for each measured step)")
 
 
 def read_record(workspace: Path) -> Optional[MonitorRecord]:
