@@ -19,6 +19,7 @@ from dreambooth_ext.errors import UserError
 
 WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
+BATCH = 16  # pictures per forward pass
 
 
 def check_clip_folder(path: str) -> Path:
@@ -112,10 +113,13 @@ class ClipScorer:
         """Unit-length image embeddings of PIL pictures, float32 on the CPU: [N, D]."""
         import torch
 
-        pixels = self.processor(images=[p.convert("RGB") for p in pictures], return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            out = self.model.get_image_features(pixel_values=pixels.to(self._where(), self.dtype))
-        return torch.nn.functional.normalize(out.float().cpu(), dim=-1)
+        out = []
+        for i in range(0, len(pictures), BATCH):  # 50 instance pictures need not be one batch
+            batch = [p.convert("RGB") for p in pictures[i:i + BATCH]]
+            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                out.append(self.model.get_image_features(pixel_values=pixels.to(self._where(), self.dtype)).float())
+        return torch.nn.functional.normalize(torch.cat(out).cpu(), dim=-1)
 
     def texts(self, texts: List[str]) -> "torch.Tensor":  # noqa: F821
         """Unit-length text embeddings, float32 on the CPU: [N, D]."""
