@@ -63,8 +63,7 @@ class Job(Reporter):
         with self._lock:
             s = self._state
             return JobState(**{**s.__dict__, "losses": list(s.losses), "monitor": list(s.monitor),
-                               "samples": list(s.samples),
-                               "outputs": list(s.outputs), "warnings": list(s.warnings)})
+                               "samples": list(s.samples), "outputs": list(s.outputs), "warnings": list(s.warnings)})
 
     def cancel(self) -> None:
         self._stop.set()

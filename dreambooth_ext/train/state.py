@@ -19,7 +19,8 @@ from dreambooth_ext.errors import UserError
 # settings that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = {
     "max_steps", "max_epochs", "sample_every", "sample_prompts", "sample_negative_prompt", "sample_seeds", "num_sample_images",
-    "sample_steps", "sample_guidance", "monitor_clip_model", "save_model_every", "save_state_every", "save_format", "save_dtype",
+    "sample_steps", "sample_guidance", "save_model_every", "save_state_every", "save_format", "save_dtype",
+    "monitor_clip_model",
     "save_lora_merged", "keep_last_models",
     "save_model_on_interrupt", "dataloader_workers", "models_dir", "checkpoint_dir", "lora_dir",
     # memory and speed only: the same steps compute the same result
