@@ -37,6 +37,18 @@ def generated_latents(pipe, prompt: str, seeds: Sequence[int], steps: int, resol
     return torch.stack(out)
 
 
+@torch.no_grad()
+def decoded_images(bundle, latents: torch.Tensor):
+    """PIL pictures of scaled latents, through the bundle's VAE decoder (on whatever device it is)."""
+    from PIL import Image
+
+    vae = bundle.vae
+    param = next(vae.parameters())
+    pixels = vae.decode(latents.to(param.device, param.dtype) / bundle.vae_scale).sample
+    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
 def mean_nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> float:
     """Mean over samples of the L2 distance to the nearest reference latent."""
     d = torch.cdist(samples.flatten(1), references.flatten(1))

@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.reporter import Reporter
@@ -32,6 +32,8 @@ class JobState:
     lr: Optional[float] = None
     eta_seconds: Optional[float] = None
     losses: List[List[float]] = field(default_factory=list)
+    monitor: List[Any] = field(default_factory=list)  # the training monitor's points (train/monitor.py), by step
+    monitor_note: str = ""  # its closing note: the best step
     samples: List[str] = field(default_factory=list)
     outputs: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
@@ -60,8 +62,8 @@ class Job(Reporter):
     def snapshot(self) -> JobState:
         with self._lock:
             s = self._state
-            return JobState(**{**s.__dict__, "losses": list(s.losses), "samples": list(s.samples),
-                               "outputs": list(s.outputs), "warnings": list(s.warnings)})
+            return JobState(**{**s.__dict__, "losses": list(s.losses), "monitor": list(s.monitor),
+                               "samples": list(s.samples), "outputs": list(s.outputs), "warnings": list(s.warnings)})
 
     def cancel(self) -> None:
         self._stop.set()
@@ -87,13 +89,24 @@ class Job(Reporter):
                 self._ended.set()
 
     def stage(self, text, done=None, total=None):
+        # the monitor's lines carry their figures (a point, or the whole record with the closing note)
+        point, record = getattr(text, "point", None), getattr(text, "record", None)
+        if point is not None or record is not None:
+            with self._lock:
+                if record is not None:
+                    self._state.monitor, self._state.monitor_note = list(record.points), str(text)
+                else:
+                    self._state.monitor = [p for p in self._state.monitor if p.step < point.step] + [point]
+        text = str(text)
         self._update("stage", stage=text if total is None else f"{text} {done}/{total}",
                      stage_progress=None if total is None else (int(done or 0), int(total)))
 
     def start(self, first_step, total, history=()):
         self._since = None
+        earlier = _monitor_points(self.cfg, first_step)
         with self._lock:
             self._state.losses = [list(p) for p in history]  # a resumed run's plot starts where it left off
+            self._state.monitor, self._state.monitor_note = earlier, ""
         self._update("start", status="running", step=first_step, total=total)
 
     def progress(self, step, total, loss, lr):
@@ -125,6 +138,19 @@ class Job(Reporter):
 
     def should_stop(self) -> bool:
         return self._stop.is_set()
+
+
+def _monitor_points(cfg, first_step: int) -> list:
+    """A resumed run's monitor figures up to its saved step, as its monitor.json keeps them."""
+    if first_step <= 0:
+        return []
+    try:
+        from dreambooth_ext.train.monitor import read_record
+
+        record = read_record(cfg.workspace_path())
+    except Exception:  # noqa: BLE001 - an unreadable file costs the plot its early points, never the run
+        return []
+    return [p for p in record.points if p.step <= first_step] if record is not None else []
 
 
 class NameTaken(UserError):

@@ -103,7 +103,7 @@ def odd_config() -> TrainConfig:
         sample_negative_prompt="ugly", sample_seeds=[1, 2, 3], num_sample_images=3, sample_steps=12,
         sample_guidance=6.0, save_model_every=500, save_state_every=250, save_format="ckpt", save_dtype="bf16",
         save_lora_merged=True, shuffle_tags=True, keep_tokens=2, caption_dropout=0.1, save_model_on_interrupt=True,
-        keep_last_models=3, max_epochs=4)
+        keep_last_models=3, max_epochs=4, monitor_clip_model="/m/clip")
 
 
 def _form_settings():
@@ -227,6 +227,51 @@ def test_status_text_and_plot():
     assert loss_plot([]).size == (560, 220)
 
 
+class FakeJob:
+    """Stands in for a running job: the handlers read only its snapshot."""
+
+    def __init__(self, state):
+        self.state = state
+        self.done = False
+
+    def snapshot(self):
+        return self.state
+
+
+def test_the_monitor_curves_and_closing_note_through_the_handlers(host):
+    from dreambooth_ext.jobs import JobState
+    from dreambooth_ext.train.monitor import Point
+    from dreambooth_ext.ui.handlers import monitor_html, monitor_image
+
+    runner = JobRunner()
+    h = Handlers(host, runner)
+    tab = Tab(host, h)
+    tab.build()
+    assert "measures at each sample step" in tab.monitor_note.value
+    state = JobState(name="mon", status="running", step=20, total=60, losses=[[1, 0.5], [20, 0.4]],
+                     monitor=[Point(20, 0.9, 0.1, 9.0, 1.0)])
+    runner.current = FakeJob(state)
+    view = h.poll()
+    assert [p.step for p in view.monitor] == [20] and not view.monitor_note
+    assert "monitor at step 20: fidelity 0.90" in monitor_html(view)
+    polled = tab._poll("", "tiny-sd1.safetensors")
+    assert polled[7].size == (560, 220) and "monitor at step 20" in polled[8]  # a plot beside the loss
+    assert tab._poll(polled[-1], "tiny-sd1.safetensors")[7] == gr.update()  # nothing new: not sent again
+    state.monitor = state.monitor + [Point(40, 0.6, 0.3, 6.0, 3.0), Point(60, 0.4, 0.7, 4.0, 7.0)]
+    state.monitor_note, state.status = "monitor: best step 40 (closest to the instance images ...)", "finished"
+    again = tab._poll(polled[-1], "tiny-sd1.safetensors")
+    assert again[-1] != polled[-1] and "best step 40" in again[8]  # the closing note replaces the figures
+    drawn = again[7]
+    assert drawn.size == (560, 220) and len(set(drawn.getdata())) > 5
+    assert drawn.getpixel((52, 12)) != (255, 255, 255)  # the frame
+    # the best step (40: step 60 drifted past the limit) is marked in green, half way along the step axis
+    x = 52 + (40 - 20) / (60 - 20) * (560 - 12 - 52)
+    column = [drawn.getpixel((int(x), y)) for y in range(20, 190)]
+    assert sum(1 for c in column if c[1] > c[0] + 60 and c[1] > c[2] + 60) > 100, "no best-step line"
+    clip = Point(20, 0.9, 0.1, 9.0, 1.0, clip_i=0.6, clip_t=0.2, class_clip_i=0.95)
+    assert monitor_image(view.__class__(key="", running=False, status="", monitor=[clip])).size == (560, 400)
+
+
 def _wait(runner, seconds=150):
     job = runner.current
     assert job.wait(seconds), job.snapshot()  # the job's end event, not a polling loop
@@ -278,6 +323,7 @@ def test_train_interrupt_resume_through_the_handlers(host):
 
     view = h.poll()
     assert view.finished and not view.running and view.samples[0][1].startswith("step 8")
+    assert [p.step for p in view.monitor] == [4, 8] and view.monitor_note.startswith("monitor: ")  # the monitor ran
     polled = tab._poll("", "tiny-sd1.safetensors")
     assert "finished" in polled[0] and "tabtest_8.safetensors" in str(polled[5])  # the refreshed dropdown
     assert polled[5]["value"] == "tiny-sd1.safetensors"

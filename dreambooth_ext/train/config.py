@@ -251,6 +251,11 @@ class TrainConfig:
     num_sample_images: int = setting(2, "Sample images per prompt.", "samples", min=1, max=16, resumable=True)
     sample_steps: int = setting(20, "Sampling steps per sample image.", "samples", min=1, max=200, resumable=True)
     sample_guidance: float = setting(7.0, "CFG scale for samples.", "samples", min=0, max=30, resumable=True)
+    monitor_clip_model: str = setting(
+        "", "Folder of a CLIP model on disk (a snapshot of openai/clip-vit-large-patch14 or the like, with its "
+        "config.json): the training monitor then also scores each sample step with CLIP-I, CLIP-T and the class's "
+        "CLIP similarity to the base, and picks its best step by CLIP-I; never downloaded (empty: latent "
+        "distances only).", "samples", path=True, resumable=True)
 
     # saving
     save_model_every: int = setting(0, "Write the model every this many steps as NAME_<step> (0 = only at the end).",

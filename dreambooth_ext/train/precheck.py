@@ -3,8 +3,8 @@
 The CLI, the job runner (so the tab and the API answer with the sentence instead of
 "Training ...") and the trainer itself call `precheck(cfg)` (`prechecked(cfg)` gives the normalised
 copy of the config as well): settings, the checkpoint and its family (from the file header), the
-image folders, class folders that overlap them, the name, a saved state and its settings, files the
-run would replace, and a run that holds the name.
+image folders, class folders that overlap them, the monitor's CLIP model folder, the name, a saved
+state and its settings, files the run would replace, and a run that holds the name.
 """
 
 import os
@@ -40,11 +40,25 @@ def prechecked(cfg: TrainConfig) -> Checked:
     for i, concept in enumerate(cfg.concepts, 1):
         _check_instance_folder(concept.instance_dir, i)
     _check_class_folders(cfg)
+    notes += _check_monitor_clip(cfg)
     if not secondary_process():
         check_free(cfg.name, cfg.workspace_path())
     notes += _check_saved_state(cfg)
     check_no_clash(cfg)
     return Checked(cfg, notes)
+
+
+def _check_monitor_clip(cfg) -> List[str]:
+    """The monitor's CLIP folder, when one is set: a full CLIP model on disk (nothing is downloaded)."""
+    from dreambooth_ext.train.monitor_clip import check_clip_folder
+
+    if not cfg.monitor_clip_model.strip():
+        return []
+    check_clip_folder(cfg.monitor_clip_model)
+    if not cfg.sample_every:
+        return ["Setting 'monitor_clip_model' is set but sample_every is 0, so the monitor does not run and the "
+                "CLIP model is not used; set sample_every to measure at the sample steps."]
+    return []
 
 
 def _check_name_length(name: str) -> None:

@@ -46,6 +46,8 @@ class View:
     running: bool
     status: str
     losses: List[List[float]] = field(default_factory=list)
+    monitor: List[Any] = field(default_factory=list)  # the training monitor's points (train/monitor.py)
+    monitor_note: str = ""  # its closing note, once the run has ended
     samples: List[Tuple[str, str]] = field(default_factory=list)  # (path, caption), newest first
     outputs: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
@@ -230,13 +232,14 @@ class Handlers:
         queue = self.queued_names()
         running = s.status in ("starting", "running") or bool(queue)  # the page polls on while jobs wait
         key = (f"{id(job)}:{s.status}:{len(s.losses)}:{len(s.samples)}:{len(s.outputs)}:{len(s.warnings)}:"
-               + "/".join(queue))
+               f"{len(s.monitor)}:{bool(s.monitor_note)}:" + "/".join(queue))
         samples = [(p, _sample_caption(p)) for p in reversed(s.samples[-GALLERY_ITEMS:])]
         checkpoints = self._checkpoints(s)
         finished = s.status == "finished" and bool(checkpoints)
         ended = s.status not in ("starting", "running")
         written = f"{id(job)}:{len(checkpoints)}" if checkpoints and ended else ""
-        return View(key=key, running=running, status=status_text(s), losses=s.losses, samples=samples,
+        return View(key=key, running=running, status=status_text(s), losses=s.losses, monitor=s.monitor,
+                    monitor_note=s.monitor_note, samples=samples,
                     outputs=[p for p in s.outputs if not p.endswith(".yaml")], warnings=s.warnings,
                     error=s.error, finished=finished, written=written, queue=queue)
 
@@ -309,6 +312,29 @@ def view_html(view: View) -> str:
         items = "".join(f"<li>{html.escape(name)}</li>" for name in view.queue)
         parts.append(f'<div class="dreambooth-queue">Waiting in the queue:<ol>{items}</ol></div>')
     return "".join(parts)
+
+
+def monitor_image(view: View):
+    """The monitor's curves for the page: fidelity and class drift, the drift limit, the best step so far."""
+    from dreambooth_ext.plot import monitor_plot
+    from dreambooth_ext.train.monitor import DRIFT_LIMIT, best_of
+
+    return monitor_plot(view.monitor, DRIFT_LIMIT, best_of(view.monitor, DRIFT_LIMIT))
+
+
+def monitor_html(view: View) -> str:
+    """Under the monitor's plot: its closing note (the step to take) once the run has ended, else its newest
+    figures, else what it is."""
+    from dreambooth_ext.train.monitor import describe
+
+    if view.monitor_note:
+        return f'<div class="dreambooth-monitor dreambooth-monitor-note">{html.escape(view.monitor_note)}</div>'
+    if view.monitor:
+        latest = max(view.monitor, key=lambda p: p.step)
+        return f'<div class="dreambooth-monitor">{html.escape(str(describe(latest)))}</div>'
+    return ('<div class="dreambooth-monitor">The training monitor measures at each sample step (Sample every): how '
+            'close the instance prompt\'s pictures come to the instance images and how far the class prompt\'s '
+            'drift from the base model\'s, then names the best step.</div>')
 
 
 def outputs_html(paths: Sequence[str], lora_dir: Path) -> str:

@@ -17,7 +17,8 @@ from dreambooth_ext.train.config import FAMILIES, GROUPS
 from dreambooth_ext.train.memory import MEMORY_CONCEPT_SETTINGS, MEMORY_SETTINGS, form_memory_note
 from dreambooth_ext.ui import compat
 from dreambooth_ext.ui.form import CONCEPT_BOXES, Form, concept_key, concept_settings, label_for, top_settings
-from dreambooth_ext.ui.handlers import Handlers, View, outputs_html, reply_html, view_html
+from dreambooth_ext.ui.handlers import (Handlers, View, monitor_html, monitor_image, outputs_html, reply_html,
+                                        view_html)
 
 PREFIX = "dreambooth_"
 OPEN_GROUPS = {"training"}
@@ -130,8 +131,14 @@ class Tab:
         self.poll = gr.Button("poll", elem_id=PREFIX + "poll", elem_classes=["dreambooth-hidden"])
 
     def _results(self):
-        self.plot = gr.Image(value=loss_plot([]), type="pil", label="Loss", interactive=False,
-                             elem_id=PREFIX + "loss_plot")
+        start = View(key="", running=False, status="")  # the page's first poll fills both plots
+        with gr.Row(elem_id=PREFIX + "plots"):
+            self.plot = gr.Image(value=loss_plot([]), type="pil", label="Loss", interactive=False,
+                                 elem_id=PREFIX + "loss_plot")
+            # fidelity and class drift at each sample step (train/monitor.py), with its limit and best step
+            self.monitor_plot = gr.Image(value=monitor_image(start), type="pil", label="Training monitor",
+                                         interactive=False, elem_id=PREFIX + "monitor_plot")
+        self.monitor_note = gr.HTML(monitor_html(start), elem_id=PREFIX + "monitor_note")
         self.gallery = gr.Gallery(label="Samples", columns=4, height=300, elem_id=PREFIX + "samples")
         self.outputs = gr.HTML(outputs_html([], self.host.lora_dir()), elem_id=PREFIX + "outputs")
         self.activate = gr.Button("Make it the active checkpoint", visible=False, elem_id=PREFIX + "activate")
@@ -161,7 +168,7 @@ class Tab:
     def _wire(self):
         form_in = self.form.inputs
         polled = [self.status, self.plot, self.gallery, self.outputs, self.activate, self.checkpoint, self.queued,
-                  self.seen]
+                  self.monitor_plot, self.monitor_note, self.seen]
         compat.listen(self.refresh.click, self._refresh, [self.checkpoint], [self.checkpoint])
         compat.listen(self.save.click, self._save, form_in + [self.extras, self.config_path],
                       [self.message, self.config_path])
@@ -239,11 +246,12 @@ class Tab:
         view = self.h.poll()
         status = view_html(view)
         if view.key == seen:
-            return [status] + [compat.unchanged() for _ in range(6)] + [seen]
+            return [status] + [compat.unchanged() for _ in range(8)] + [seen]
         waiting = compat.update(choices=view.queue, value=view.queue[0] if view.queue else None)
         return [status, loss_plot(view.losses), compat.gallery_value(view.samples),
                 outputs_html(view.outputs, self.host.lora_dir()), compat.update(visible=view.finished),
-                self._checkpoint_update(view, current, first), waiting, view.key]
+                self._checkpoint_update(view, current, first), waiting, monitor_image(view), monitor_html(view),
+                view.key]
 
     def _checkpoint_update(self, view: View, current, first: bool = False):
         """The source list as the page opens (the host's active checkpoint may have changed since the
