@@ -23,7 +23,7 @@ RESUMABLE = {
     "max_steps", "max_epochs", "sample_every", "sample_prompts", "sample_negative_prompt", "sample_seeds",
     "num_sample_images", "sample_steps", "sample_guidance", "save_model_every", "save_state_every", "save_format",
     "save_dtype", "save_lora_merged", "keep_last_models", "save_model_on_interrupt", "models_dir", "checkpoint_dir",
-    "lora_dir", "gradient_checkpointing", "attention", "cache_text_embeddings",
+    "lora_dir", "gradient_checkpointing", "attention", "cache_text_embeddings", "monitor_clip_model",
 }
 
 

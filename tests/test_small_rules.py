@@ -41,3 +41,12 @@ def test_within_follows_symlinks_and_dots(tmp_path):
     assert not within(inner / ".." / "elsewhere", inner)
     assert within(inner / "link" / "x", outer) and within_any(outer / "x", [inner, outer])
     assert not within(tmp_path / "models2", inner)  # a name that only starts like the folder
+
+
+def test_the_dtype_choices_of_the_settings_are_the_dtype_table():
+    """config.py declares its dtype choices without importing torch; they must name the table's dtypes."""
+    from dreambooth_ext.dtypes import DTYPES, NO_MIXED_PRECISION
+    from dreambooth_ext.train.config import choices_of
+
+    assert set(choices_of("save_dtype")) == set(DTYPES)
+    assert set(choices_of("mixed_precision")) == {"auto", NO_MIXED_PRECISION} | (set(DTYPES) - {"fp32"})
