@@ -2,6 +2,7 @@
 bit for bit as converting it to a diffusers folder and loading that, and no folder is written."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,54 @@ def test_a_diffusers_folder_is_loaded_and_checked(tiny_checkpoints, tmp_path):
     bundle = open_base(str(tmp_path / "folder"), tmp_path / "work", progress=said.append)
     assert bundle.folder == tmp_path / "folder" and bundle.source is None
     assert said == [f"loading {tmp_path / 'folder'}"]
+
+
+def _open_base_in_runs(monkeypatch):
+    """run.py's loading of the base, through open_base (what run.py is to call)."""
+    from dreambooth_ext.train import run
+
+    def load(cfg, workspace, acc, reporter, placement):
+        with run._main_first(acc):
+            return open_base(cfg.checkpoint, workspace, cfg.family, dtypes=placement.load_dtypes(),
+                             progress=reporter.stage, should_stop=reporter.should_stop)
+
+    monkeypatch.setattr(run, "_load_base", load)
+
+
+def _written(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k != "modelspec.date"}
+        return meta, {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_run_from_a_single_file_writes_no_base_folder_and_the_same_model(tiny_checkpoints, tmp_path, monkeypatch,
+                                                                             mode):
+    from tests.recording import RecordingReporter
+    from tests.trainer_helpers import small_config
+    from dreambooth_ext.train.run import train
+
+    extra = dict(text_encoder_mode="full", text_encoder_lr=1e-4) if mode == "full" else \
+        dict(train_mode="lora", lora_rank=4, lora_learning_rate=1e-2, text_encoder_mode="lora", save_lora_merged=True)
+    results = {}
+    for way in ("folder", "memory"):
+        if way == "memory":
+            _open_base_in_runs(monkeypatch)
+        cfg = small_config(tmp_path / way, tiny_checkpoints("sd1"), max_steps=3, **extra)
+        result = train(cfg, RecordingReporter())
+        assert result.status == "finished"
+        assert (cfg.workspace_path() / "base" / "model").exists() == (way == "folder")
+        results[way] = sorted(result.outputs)
+    assert [p.replace(str(tmp_path / "folder"), "") for p in results["folder"]] == \
+        [p.replace(str(tmp_path / "memory"), "") for p in results["memory"]]
+    for a, b in zip(results["folder"], results["memory"]):
+        meta_a, tensors_a = _written(a)
+        meta_b, tensors_b = _written(b)
+        assert meta_a == meta_b and list(tensors_a) == list(tensors_b), a
+        assert all(tensors_a[k].dtype == tensors_b[k].dtype and torch.equal(tensors_a[k], tensors_b[k])
+                   for k in tensors_a), a
+        yaml_a, yaml_b = Path(a).with_suffix(".yaml"), Path(b).with_suffix(".yaml")
+        assert yaml_a.is_file() == yaml_b.is_file()
+        assert not yaml_a.is_file() or yaml_a.read_text() == yaml_b.read_text()
