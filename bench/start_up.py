@@ -48,13 +48,30 @@ def build(kind: str, folder: Path, file_dtype: str) -> Path:
     return path
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM (ru_maxrss survives exec on Linux, so a child
+    spawned by a big parent would report the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(way: str, checkpoint: str, load: str, workspace: str):
     import torch
-    import diffusers  # noqa: F401 - the import baseline both ways pay
-    import transformers  # noqa: F401
+    # the import baseline both ways pay: the libraries and the model classes they import lazily
+    from accelerate import init_empty_weights  # noqa: F401
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    import dreambooth_ext.bridge.to_diffusers  # noqa: F401
+    import dreambooth_ext.bridge.to_single  # noqa: F401
 
     torch.set_num_threads(1)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = peak_rss()
     from dreambooth_ext.train.models import load_bundle, open_base, prepare_base
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[load]
@@ -67,7 +84,7 @@ def child(way: str, checkpoint: str, load: str, workspace: str):
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     params = sum(p.numel() * p.element_size() for m in [bundle.unet, bundle.vae] + bundle.text_encoders
                  for p in m.parameters())
-    print(json.dumps({"wall": wall, "cpu": cpu, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    print(json.dumps({"wall": wall, "cpu": cpu, "peak": peak_rss(),
                       "baseline": baseline, "params": params}))
 
 
@@ -90,7 +107,8 @@ def main():
         rows = {"folder": [], "memory": []}
         for i in range(args.repeats):
             for way in ("folder", "memory"):
-                work = Path(tmp) / f"work-{way}-{i}"  # a fresh workspace: the first run of a new checkpoint
+                # a fresh workspace with no siblings: the first run of a new checkpoint
+                work = Path(tmp) / f"{way}-{i}" / "workspace"
                 out = subprocess.run([sys.executable, __file__, "--child", way, str(ck), args.load, str(work)],
                                      env=env, check=True, capture_output=True, text=True).stdout
                 rows[way].append(json.loads(out.strip().splitlines()[-1]))
@@ -110,8 +128,9 @@ def main():
             print(f"{label:12s} {min(wall):6.2f}/{statistics.median(wall):6.2f}   {min(cpu):6.2f}/{statistics.median(cpu):6.2f}"
                   f"   {peak / 2**20:10.0f} {above / 2**20:14.0f} {above / size:10.2f}")
         med = {w: statistics.median(x["cpu"] for x in rows[w]) for w in rows}
+        above = {w: max(x["peak"] - x["baseline"] for x in rows[w]) for w in rows}
         print(f"in memory / convert+load: {med['memory'] / med['folder']:.2f}x CPU time (median), peak above imports "
-              f"{max(x['peak'] - x['baseline'] for x in rows['memory']) / max(x['peak'] - x['baseline'] for x in rows['folder']):.2f}x")
+              f"{above['memory'] / max(above['folder'], 1):.2f}x")
 
 
 if __name__ == "__main__":

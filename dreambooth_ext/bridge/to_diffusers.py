@@ -97,6 +97,12 @@ def _infer_openclip_sizes(fam: dict, source: TensorSource):
             cfg["projection_dim"] = source.shape(prefix + "text_projection")[1]
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or infinity in `t`, checked a slice at a time: never a mask the size of the whole tensor."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _checked(entries: List[Entry], src: Path, should_stop: Optional[Callable[[], bool]]) -> List[Entry]:
     """The same entries, each stopping on request and refusing NaN or infinite weights as it is read."""
     def wrap(entry: Entry):
@@ -106,7 +112,7 @@ def _checked(entries: List[Entry], src: Path, should_stop: Optional[Callable[[],
             if should_stop is not None and should_stop():
                 raise Cancelled()
             t = inner()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not all_finite(t):
                 raise UserError(f"{src.name} holds NaN or infinite values ({entry.name}); the model is broken and "
                                 "cannot be trained or converted: download it again or pick another one.")
             return t

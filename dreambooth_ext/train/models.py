@@ -203,10 +203,14 @@ def _owned(t: torch.Tensor, source_storages: set) -> torch.Tensor:
 def _loaded_state(opened, component: str, dtype: torch.dtype, should_stop, source_storages: set) -> Dict[str, torch.Tensor]:
     state = {}
     for entry in opened.entries(component, should_stop):  # refuses NaN/inf and stops on request, as converting does
-        t = entry.produce()
-        if t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        state[entry.name] = _owned(t, source_storages)
+        if entry.dtype.is_floating_point and entry.dtype != dtype:
+            # the kept tensor first, what is read to fill it after: freed last, the read goes back to the system
+            # at once instead of leaving holes in the heap that the next weights do not fit
+            kept = torch.empty(entry.shape, dtype=dtype)
+            kept.copy_(entry.produce())
+            state[entry.name] = kept
+        else:
+            state[entry.name] = _owned(entry.produce(), source_storages)
     return state
 
 
@@ -258,8 +262,8 @@ def build_bundle(opened, torch_dtype: torch.dtype = torch.float32, dtypes: Optio
         model.register_to_config(_name_or_path=str(opened.path))
         return model
 
-    unet = diffusers_module(UNet2DConditionModel, "unet", dtypes["unet"])
-    vae = diffusers_module(AutoencoderKL, "vae", dtypes["vae"])
+    # the text encoders first: their token embeddings are the largest single tensors, and what is read
+    # to fill one costs least while little else is loaded
     text_encoders, tokenizers = [], []
     for i, te in enumerate(fam["text_encoders"]):
         suffix = "" if i == 0 else f"_{i + 1}"
@@ -279,6 +283,8 @@ def build_bundle(opened, torch_dtype: torch.dtype = torch.float32, dtypes: Optio
         else:
             tokenizers.append(load_tokenizer(shipped.get("tokenizer_pad", "<|endoftext|>"),
                                              shipped["config"].get("max_position_embeddings", 77)))
+    vae = diffusers_module(AutoencoderKL, "vae", dtypes["vae"])
+    unet = diffusers_module(UNet2DConditionModel, "unet", dtypes["unet"])
     scheduler_config = configs["scheduler/scheduler_config.json"]
     scheduler = DDPMScheduler.from_config(scheduler_config)
     for m in [unet, vae] + text_encoders:
