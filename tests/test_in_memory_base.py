@@ -210,3 +210,18 @@ def test_a_run_from_a_single_file_writes_no_base_folder_and_the_same_model(tiny_
         yaml_a, yaml_b = Path(a).with_suffix(".yaml"), Path(b).with_suffix(".yaml")
         assert yaml_a.is_file() == yaml_b.is_file()
         assert not yaml_a.is_file() or yaml_a.read_text() == yaml_b.read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_built_on_the_device_equals_loading_then_moving(tiny_checkpoints, tmp_path, family):
+    ck = tiny_checkpoints(family)
+    single_file_to_diffusers(ck, tmp_path / "folder", progress=lambda _m: None)
+    dtypes = {"unet": torch.bfloat16, "vae": torch.float32, "text_encoder": torch.float16}
+    disk = load_bundle(tmp_path / "folder", dtypes=dtypes)
+    for m in [disk.unet, disk.vae] + disk.text_encoders:
+        m.to("cuda")
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    mem = open_base(str(ck), tmp_path / "work", dtypes=dtypes, progress=lambda _m: None,
+                    devices={"unet": cuda, "vae": cuda, "text_encoder": cuda})
+    _same_bundle(mem, disk)

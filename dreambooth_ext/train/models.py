@@ -169,9 +169,15 @@ def load_bundle(folder: Path, torch_dtype: torch.dtype = torch.float32,
 def open_base(checkpoint: str, workspace: Path, family: str = "auto",
               dtypes: Optional[Dict[str, torch.dtype]] = None,
               progress: Optional[Callable[[str], None]] = None,
-              should_stop: Optional[Callable[[], bool]] = None) -> ModelBundle:
+              should_stop: Optional[Callable[[], bool]] = None,
+              devices: Optional[Dict[str, torch.device]] = None) -> ModelBundle:
     """The run's base model as modules: a diffusers folder is loaded (and checked for NaN/inf); a single file
-    is built in memory, checked as a conversion checks it, and nothing is written to the workspace."""
+    is built in memory, checked as a conversion checks it, and nothing is written to the workspace.
+
+    `dtypes` and `devices` ("unet", "vae", "text_encoder" -> dtype / device; the placement's load_dtypes()
+    and where("prepare")): a single file's weights go there as they are read, with no CPU copy of the model
+    on the way; a folder is loaded on the CPU.
+    """
     from dreambooth_ext.bridge.to_diffusers import open_single_file
     from dreambooth_ext.train.finite import check_finite_base
 
@@ -188,8 +194,8 @@ def open_base(checkpoint: str, workspace: Path, family: str = "auto",
     opened = open_single_file(src, family)
     for note in opened.notes:
         say(f"note: {note}")
-    say(f"loading {src} ({opened.detection.label}, {opened.family['scheduler'].get('prediction_type')})")
-    return build_bundle(opened, dtypes=dtypes, should_stop=should_stop)
+    say(f"loading {src.resolve()} ({opened.detection.label}, {opened.family['scheduler'].get('prediction_type')})")
+    return build_bundle(opened, dtypes=dtypes, should_stop=should_stop, devices=devices)
 
 
 def _owned(t: torch.Tensor, source_storages: set) -> torch.Tensor:
@@ -200,15 +206,18 @@ def _owned(t: torch.Tensor, source_storages: set) -> torch.Tensor:
     return t
 
 
-def _loaded_state(opened, component: str, dtype: torch.dtype, should_stop, source_storages: set) -> Dict[str, torch.Tensor]:
+def _loaded_state(opened, component: str, dtype: torch.dtype, device: torch.device, should_stop,
+                  source_storages: set) -> Dict[str, torch.Tensor]:
     state = {}
     for entry in opened.entries(component, should_stop):  # refuses NaN/inf and stops on request, as converting does
         if entry.dtype.is_floating_point and entry.dtype != dtype:
             # the kept tensor first, what is read to fill it after: freed last, the read goes back to the system
             # at once instead of leaving holes in the heap that the next weights do not fit
-            kept = torch.empty(entry.shape, dtype=dtype)
+            kept = torch.empty(entry.shape, dtype=dtype, device=device)
             kept.copy_(entry.produce())
             state[entry.name] = kept
+        elif device.type != "cpu":
+            state[entry.name] = entry.produce().to(device)
         else:
             state[entry.name] = _owned(entry.produce(), source_storages)
     return state
@@ -225,7 +234,8 @@ def _take(model: torch.nn.Module, state: Dict[str, torch.Tensor]):
 
 
 def build_bundle(opened, torch_dtype: torch.dtype = torch.float32, dtypes: Optional[Dict[str, torch.dtype]] = None,
-                 should_stop: Optional[Callable[[], bool]] = None) -> ModelBundle:
+                 should_stop: Optional[Callable[[], bool]] = None,
+                 devices: Optional[Dict[str, torch.device]] = None) -> ModelBundle:
     """Every module of a checked single file (bridge.to_diffusers.open_single_file), built without a folder.
 
     The same modules, configs, tokenizers and scheduler load_bundle gives from the folder the conversion
@@ -244,6 +254,7 @@ def build_bundle(opened, torch_dtype: torch.dtype = torch.float32, dtypes: Optio
     configs = configs_as_read(opened.public_family())
     fam = family_from_configs(lambda rel: configs[rel], {"family": opened.family["family"]}, opened.path.name)
     dtypes = {k: (dtypes or {}).get(k, torch_dtype) for k in ("unet", "vae", "text_encoder")}
+    devices = {k: torch.device((devices or {}).get(k, "cpu")) for k in ("unet", "vae", "text_encoder")}
     raw = opened.source
     while hasattr(raw, "_inner"):  # a renamed view: the tensors are its inner source's
         raw = raw._inner
@@ -251,14 +262,14 @@ def build_bundle(opened, torch_dtype: torch.dtype = torch.float32, dtypes: Optio
     source_storages = ({t.untyped_storage().data_ptr() for t in raw._tensors.values()}
                        if isinstance(raw, DictSource) else set())
 
-    def diffusers_module(cls, name: str, dtype: torch.dtype):
+    def diffusers_module(cls, name: str, dtype: torch.dtype, device: torch.device):
         with init_empty_weights():
             model = cls.from_config(configs[f"{name}/config.json"])
-        missing, unexpected = _take(model, _loaded_state(opened, name, dtype, should_stop, source_storages))
+        missing, unexpected = _take(model, _loaded_state(opened, name, dtype, device, should_stop, source_storages))
         if missing or unexpected:
             raise UserError(f"{name} of {opened.path.name} does not fit its config: "
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}.")
-        model = model.to(dtype)  # buffers made by the constructor, as from_pretrained casts them
+        model = model.to(device, dtype)  # buffers made by the constructor, as from_pretrained casts them
         model.register_to_config(_name_or_path=str(opened.path))
         return model
 
@@ -270,21 +281,21 @@ def build_bundle(opened, torch_dtype: torch.dtype = torch.float32, dtypes: Optio
         with init_empty_weights():
             model = getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"]))
         missing, unexpected = _take(model, _loaded_state(opened, "text_encoder" + suffix, dtypes["text_encoder"],
-                                                         should_stop, source_storages))
+                                                         devices["text_encoder"], should_stop, source_storages))
         missing = [k for k in missing if k not in DERIVED_BUFFERS]
         unexpected = [k for k in unexpected if k not in DERIVED_BUFFERS]
         if missing or unexpected:
             raise UserError(f"text_encoder{suffix} of {opened.path.name} does not fit its config: "
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}.")
-        text_encoders.append(model.to(dtypes["text_encoder"]))
+        text_encoders.append(model.to(devices["text_encoder"], dtypes["text_encoder"]))
         shipped = opened.family["text_encoders"][i]
         if shipped.get("tokenizer_dir"):
             tokenizers.append(transformers.CLIPTokenizer.from_pretrained(shipped["tokenizer_dir"]))
         else:
             tokenizers.append(load_tokenizer(shipped.get("tokenizer_pad", "<|endoftext|>"),
                                              shipped["config"].get("max_position_embeddings", 77)))
-    vae = diffusers_module(AutoencoderKL, "vae", dtypes["vae"])
-    unet = diffusers_module(UNet2DConditionModel, "unet", dtypes["unet"])
+    vae = diffusers_module(AutoencoderKL, "vae", dtypes["vae"], devices["vae"])
+    unet = diffusers_module(UNet2DConditionModel, "unet", dtypes["unet"], devices["unet"])
     scheduler_config = configs["scheduler/scheduler_config.json"]
     scheduler = DDPMScheduler.from_config(scheduler_config)
     for m in [unet, vae] + text_encoders:
