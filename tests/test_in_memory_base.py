@@ -225,3 +225,21 @@ def test_built_on_the_device_equals_loading_then_moving(tiny_checkpoints, tmp_pa
     mem = open_base(str(ck), tmp_path / "work", dtypes=dtypes, progress=lambda _m: None,
                     devices={"unet": cuda, "vae": cuda, "text_encoder": cuda})
     _same_bundle(mem, disk)
+
+
+def test_a_stop_while_a_run_builds_its_base_cancels_it(tiny_checkpoints, tmp_path, monkeypatch):
+    from tests.recording import RecordingReporter
+    from tests.trainer_helpers import small_config
+    from dreambooth_ext.train.run import train
+
+    class StopWhileLoading(RecordingReporter):
+        def should_stop(self):
+            return any(s.startswith("loading ") for s in self.stages)
+
+    _open_base_in_runs(monkeypatch)
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), num_class_images=0)
+    reporter = StopWhileLoading()
+    result = train(cfg, reporter)
+    assert result.status == "cancelled" and result.step == 0
+    assert "stopped before training began" in reporter.stages[-1]
+    assert not (cfg.workspace_path() / "base").exists() and not (cfg.workspace_path() / "run.lock").exists()
