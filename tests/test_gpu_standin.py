@@ -78,8 +78,9 @@ def test_gpu_dtype_layout_trains_samples_and_saves(family, train_mode, te_mode, 
                                                    tmp_path, monkeypatch):
     monkeypatch.setenv(EMULATE_ENV, "bf16")
     bundles = []
-    real_load = models.load_bundle
-    monkeypatch.setattr(models, "load_bundle", lambda *a, **k: bundles.append(real_load(*a, **k)) or bundles[-1])
+    for name in ("load_bundle", "build_bundle"):  # a folder's base, or a single file's built in memory
+        real = getattr(models, name)
+        monkeypatch.setattr(models, name, lambda *a, real=real, **k: bundles.append(real(*a, **k)) or bundles[-1])
     cfg = small_config(tmp_path, tiny_checkpoints(family), train_mode=train_mode, text_encoder_mode=te_mode,
                        max_steps=2, sample_every=1, sample_steps=2, num_sample_images=1, use_ema=True, **extra)
     reporter = _DtypeWatch(bundles)

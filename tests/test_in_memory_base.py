@@ -243,3 +243,16 @@ def test_a_stop_while_a_run_builds_its_base_cancels_it(tiny_checkpoints, tmp_pat
     assert result.status == "cancelled" and result.step == 0
     assert "stopped before training began" in reporter.stages[-1]
     assert not (cfg.workspace_path() / "base").exists() and not (cfg.workspace_path() / "run.lock").exists()
+
+
+def test_a_conversion_the_workspace_already_holds_is_loaded(tiny_checkpoints, tmp_path):
+    from dreambooth_ext.train.models import prepare_base
+
+    ck = tiny_checkpoints("sd1")
+    folder = prepare_base(str(ck), tmp_path / "work", progress=lambda _m: None)  # what earlier runs left
+    said = []
+    bundle = open_base(str(ck), tmp_path / "work", progress=said.append)
+    assert bundle.folder == folder and said == [f"loading {folder}"]
+    _same_bundle(bundle, open_base(str(ck), tmp_path / "other", progress=lambda _m: None))
+    # another family asked for than the conversion was made with: built from the file
+    assert open_base(str(ck), tmp_path / "work", "sd1", progress=lambda _m: None).folder is None

@@ -172,7 +172,8 @@ def open_base(checkpoint: str, workspace: Path, family: str = "auto",
               should_stop: Optional[Callable[[], bool]] = None,
               devices: Optional[Dict[str, torch.device]] = None) -> ModelBundle:
     """The run's base model as modules: a diffusers folder is loaded (and checked for NaN/inf); a single file
-    is built in memory, checked as a conversion checks it, and nothing is written to the workspace.
+    is built in memory, checked as a conversion checks it, and nothing is written to the workspace (a
+    conversion an earlier version left in the workspace for this very file is loaded instead).
 
     `dtypes` and `devices` ("unet", "vae", "text_encoder" -> dtype / device; the placement's load_dtypes()
     and where("prepare")): a single file's weights go there as they are read, with no CPU copy of the model
@@ -191,6 +192,12 @@ def open_base(checkpoint: str, workspace: Path, family: str = "auto",
         return bundle
     if not src.is_file():
         raise UserError(f"The checkpoint {src} does not exist; give the path of a .safetensors or .ckpt file.")
+    base = Path(workspace) / "base"
+    if _read_marker(base / "source.json") == {**_source_key(src), "family": family} and \
+            (base / "model" / "model_index.json").is_file():
+        # an earlier run's conversion of this very file: loading it is quicker than reading the file again
+        say(f"loading {base / 'model'}")
+        return load_bundle(base / "model", dtypes=dtypes)
     opened = open_single_file(src, family)
     for note in opened.notes:
         say(f"note: {note}")
