@@ -100,15 +100,15 @@ def _reloads_and_generates(path: str, cfg, work: Path, device) -> bool:
 
     from dreambooth_ext.bridge import single_file_to_diffusers
     from dreambooth_ext.train.lora_export import apply_webui_lora, load_webui_lora
-    from dreambooth_ext.train.models import load_bundle, make_pipeline
+    from dreambooth_ext.train.models import load_bundle, make_pipeline, open_base
 
     state = load_file(path)
     if not all(torch.isfinite(v.float()).all() for v in state.values()):
         return False
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if "Lora" in Path(path).parts:
-        bundle = load_bundle(cfg.workspace_path() / "base" / "model" if Path(cfg.checkpoint).is_file()
-                             else Path(cfg.checkpoint), dtype)
+        bundle = open_base(cfg.checkpoint, cfg.workspace_path(), cfg.family, progress=lambda _m: None,
+                           dtypes={"unet": dtype, "vae": dtype, "text_encoder": dtype})
         apply_webui_lora(bundle.unet, [], load_webui_lora(path), bundle.family)
     else:
         folder = work / "reloaded"

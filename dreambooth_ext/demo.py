@@ -104,15 +104,16 @@ def before_after(cfg, trained: Path, path: Path):
     from dreambooth_ext.bridge import single_file_to_diffusers
     from dreambooth_ext.evaluate import image_latents, mean_nearest_distance, paired_distance, pixel_latents
     from dreambooth_ext.train.images import list_images, load_image
-    from dreambooth_ext.train.models import load_bundle, make_pipeline
+    from dreambooth_ext.train.models import load_bundle, make_pipeline, open_base
 
     folder = cfg.workspace_path() / "trained-diffusers"
     single_file_to_diffusers(trained, folder, overwrite=True, progress=lambda _m: None)
     paths = list_images(DEMO_IMAGES)[0]
     rows = [("instance pictures", [load_image(p).resize((RESOLUTION, RESOLUTION)) for p in paths[:len(SEEDS)]])]
     pictures, latents = {}, {}
-    for label, model in (("base", cfg.workspace_path() / "base" / "model"), ("trained", folder)):
-        bundle = load_bundle(model)
+    for label in ("base", "trained"):
+        bundle = (open_base(cfg.checkpoint, cfg.workspace_path(), cfg.family, progress=lambda _m: None)
+                  if label == "base" else load_bundle(folder))
         pipe = make_pipeline(bundle)
         for prompt in (TOKEN_PROMPT, CLASS_PROMPT, UNRELATED_PROMPT):
             pictures[label, prompt] = [

@@ -29,6 +29,14 @@ def write_tokenizer(
     dst.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         shutil.copyfile(TOKENIZER_DATA_DIR / name, dst / name)
+    special, config = _configs(pad_token, model_max_length)
+    _write_json(dst / "tokenizer_config.json", config)
+    _write_json(dst / "special_tokens_map.json", special)
+    return dst
+
+
+def _configs(pad_token: str, model_max_length: int):
+    """special_tokens_map.json and tokenizer_config.json of a tokenizer folder."""
     # Plain-string special tokens load the same under transformers 4.30 and 4.46.
     special = {
         "bos_token": BOS_TOKEN,
@@ -47,9 +55,22 @@ def write_tokenizer(
             "clean_up_tokenization_spaces": True,
         }
     )
-    _write_json(dst / "tokenizer_config.json", config)
-    _write_json(dst / "special_tokens_map.json", special)
-    return dst
+    return special, config
+
+
+def load_tokenizer(pad_token: str = EOS_TOKEN, model_max_length: int = 77):
+    """The CLIPTokenizer that loading a folder written by write_tokenizer gives, without the folder."""
+    from transformers import CLIPTokenizer
+
+    if pad_token not in PAD_TOKENS:
+        raise ValueError(f"pad_token must be one of {PAD_TOKENS}, got {pad_token!r}")
+    _special, config = _configs(pad_token, model_max_length)
+    kwargs = {k: v for k, v in config.items() if k != "tokenizer_class"}
+    tokenizer = CLIPTokenizer(str(TOKENIZER_DATA_DIR / "vocab.json"), str(TOKENIZER_DATA_DIR / "merges.txt"), **kwargs)
+    sanitize = getattr(tokenizer, "sanitize_special_tokens", None)
+    if sanitize is not None:
+        sanitize()  # what from_pretrained does under transformers < 4.34: special tokens are never split
+    return tokenizer
 
 
 def _write_json(path: Path, obj: dict) -> None:

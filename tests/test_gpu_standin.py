@@ -55,7 +55,7 @@ def _reload_and_generate(path, cfg, tmp_path):
     state = load_file(str(path))
     assert state and all(torch.isfinite(v.float()).all() for v in state.values()), path
     if "Lora" in str(path):
-        base = models.load_bundle(cfg.workspace_path() / "base" / "model")
+        base = models.open_base(cfg.checkpoint, cfg.workspace_path(), cfg.family, progress=lambda _m: None)
         tes = base.text_encoders if cfg.text_encoder_mode == "lora" else []
         apply_webui_lora(base.unet, tes, load_webui_lora(str(path)), base.family)
         return _finite_image(models.make_pipeline(base))

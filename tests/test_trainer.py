@@ -23,7 +23,7 @@ def _webui_files(tmp_path):
 
 def test_written_checkpoint_reproduces_the_trained_model(tiny_checkpoints, tmp_path):
     from dreambooth_ext.bridge import single_file_to_diffusers
-    from dreambooth_ext.train.models import load_bundle, make_pipeline
+    from dreambooth_ext.train.models import load_bundle, make_pipeline, open_base
 
     # save_state_every keeps the final state too: the reference for the written weights
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), text_encoder_mode="full", text_encoder_lr=1e-4,
@@ -43,7 +43,7 @@ def test_written_checkpoint_reproduces_the_trained_model(tiny_checkpoints, tmp_p
         if key in ("text_model.embeddings.position_ids",):
             continue
         assert torch.equal(value, state["text_encoder/" + key]), key
-    base = load_bundle(cfg.workspace_path() / "base" / "model")
+    base = open_base(cfg.checkpoint, cfg.workspace_path(), progress=lambda _m: None)
     assert not torch.equal(base.unet.conv_in.weight, back.unet.conv_in.weight)  # it did train
     image = make_pipeline(back)(TOKEN_PROMPT, num_inference_steps=2, height=64, width=64,
                                 generator=torch.Generator().manual_seed(0), output_type="np").images

@@ -24,22 +24,24 @@ def small_config(tmp_path, checkpoint, **overrides) -> TrainConfig:
 
 
 def capture_bundles(monkeypatch=None) -> list:
-    """Every ModelBundle the trainer loads, in order (the one place that knows how a run loads its models).
+    """Every ModelBundle the trainer loads, in order: a folder's (load_bundle) or a single file's built in
+    memory (build_bundle); models.open_base calls them through the module, so one hook catches both.
 
-    Without monkeypatch (a worker process of its own), the hook stays for the process's life."""
-    import dreambooth_ext.train.run as run_module
+    Without monkeypatch (a worker process of its own), the hooks stay for the process's life."""
+    import dreambooth_ext.train.models as models
 
     bundles = []
-    real = run_module.load_bundle
+    for name in ("load_bundle", "build_bundle"):
+        real = getattr(models, name)
 
-    def hook(*args, **kwargs):
-        bundles.append(real(*args, **kwargs))
-        return bundles[-1]
+        def hook(*args, real=real, **kwargs):
+            bundles.append(real(*args, **kwargs))
+            return bundles[-1]
 
-    if monkeypatch is None:
-        run_module.load_bundle = hook
-    else:
-        monkeypatch.setattr(run_module, "load_bundle", hook)
+        if monkeypatch is None:
+            setattr(models, name, hook)
+        else:
+            monkeypatch.setattr(models, name, hook)
     return bundles
 
 

@@ -3,7 +3,7 @@
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -28,15 +28,15 @@ def text_encoder_config_json(te: dict) -> dict:
     return cfg
 
 
-def write_configs(folder: Path, family: dict):
-    """Every config a diffusers pipeline folder needs besides the weights."""
-    from dreambooth_ext.tokenizer_files import write_tokenizer
-
-    _dump(folder / "unet" / "config.json", {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, **family["unet"]})
-    _dump(folder / "vae" / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **family["vae"]})
+def folder_configs(family: dict) -> Dict[str, dict]:
+    """Every JSON config of a diffusers folder for `family`, by path inside the folder (no tokenizer files)."""
+    configs = {
+        "unet/config.json": {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, **family["unet"]},
+        "vae/config.json": {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **family["vae"]},
+    }
     scheduler = dict(family["scheduler"])
     scheduler.setdefault("_diffusers_version", DIFFUSERS_VERSION)
-    _dump(folder / "scheduler" / "scheduler_config.json", scheduler)
+    configs["scheduler/scheduler_config.json"] = scheduler
     index = {
         "_class_name": family["pipeline"],
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -46,20 +46,35 @@ def write_configs(folder: Path, family: dict):
     }
     for i, te in enumerate(family["text_encoders"]):
         suffix = encoder_suffix(i)
-        _dump(folder / text_encoder_name(i) / "config.json", text_encoder_config_json(te))
-        tok_dir = folder / f"tokenizer{suffix}"
-        if te.get("tokenizer_dir"):
-            _copy_tokenizer(Path(te["tokenizer_dir"]), tok_dir)
-        else:
-            write_tokenizer(tok_dir, pad_token=te.get("tokenizer_pad", "<|endoftext|>"),
-                            model_max_length=te["config"].get("max_position_embeddings", 77))
+        configs[f"{text_encoder_name(i)}/config.json"] = text_encoder_config_json(te)
         index[text_encoder_name(i)] = ["transformers", te["class"]]
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
     if family["pipeline"] == "StableDiffusionPipeline":
         index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
     else:
         index.update({"force_zeros_for_empty_prompt": True})
-    _dump(folder / "model_index.json", index)
+    configs["model_index.json"] = index
+    return configs
+
+
+def configs_as_read(family: dict) -> Dict[str, dict]:
+    """folder_configs as a folder written with them reads back (JSON types, sorted keys)."""
+    return {rel: json.loads(json.dumps(cfg, sort_keys=True)) for rel, cfg in folder_configs(family).items()}
+
+
+def write_configs(folder: Path, family: dict):
+    """Every config a diffusers pipeline folder needs besides the weights."""
+    from dreambooth_ext.tokenizer_files import write_tokenizer
+
+    for rel, cfg in folder_configs(family).items():
+        _dump(folder / rel, cfg)
+    for i, te in enumerate(family["text_encoders"]):
+        tok_dir = folder / f"tokenizer{encoder_suffix(i)}"
+        if te.get("tokenizer_dir"):
+            _copy_tokenizer(Path(te["tokenizer_dir"]), tok_dir)
+        else:
+            write_tokenizer(tok_dir, pad_token=te.get("tokenizer_pad", "<|endoftext|>"),
+                            model_max_length=te["config"].get("max_position_embeddings", 77))
 
 
 def _copy_tokenizer(src: Path, dst: Path):
@@ -89,25 +104,29 @@ def read_sidecar(folder: Path) -> dict:
 def family_from_folder(folder: Path) -> dict:
     """A family dict (shipped-JSON shape) from a diffusers folder's own configs."""
     folder = Path(folder)
-    index = _read_json(folder / "model_index.json")
-    sidecar = read_sidecar(folder)
+    return family_from_configs(lambda rel: _read_json(folder / rel), read_sidecar(folder), folder.name)
+
+
+def family_from_configs(read: Callable[[str], dict], sidecar: dict, name: str) -> dict:
+    """A family dict from a folder's configs, `read(path inside the folder)` giving each one."""
+    index = read("model_index.json")
     pipeline = index.get("_class_name", "")
     if "XL" in pipeline:
         names = [text_encoder_name(0), text_encoder_name(1)]
     elif pipeline.startswith("StableDiffusion"):
         names = [text_encoder_name(0)]
     else:
-        raise UserError(f"{folder.name} holds a {pipeline or 'unknown'} pipeline; only Stable Diffusion 1.x/2.x/XL folders convert to a WebUI checkpoint.")
+        raise UserError(f"{name} holds a {pipeline or 'unknown'} pipeline; only Stable Diffusion 1.x/2.x/XL folders convert to a WebUI checkpoint.")
     text_encoders = []
-    for name in names:
-        cfg = _read_json(folder / name / "config.json")
+    for te_name in names:
+        cfg = read(f"{te_name}/config.json")
         if "text_config" in cfg:  # a full CLIPConfig: the text part is what we need
             cfg = cfg["text_config"]
         cls = (cfg.get("architectures") or ["CLIPTextModel"])[0]
         cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "transformers_version", "torch_dtype", "_name_or_path")}
         text_encoders.append({"class": cls, "config": cfg})
-    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
-    unet = _strip_private(_read_json(folder / "unet" / "config.json"))
+    scheduler = read("scheduler/scheduler_config.json")
+    unet = _strip_private(read("unet/config.json"))
     prediction = scheduler.get("prediction_type", "epsilon")
     if len(names) == 2:
         family = "sdxl"
@@ -122,7 +141,7 @@ def family_from_folder(folder: Path) -> dict:
         "family": family,
         "pipeline": pipeline,
         "unet": unet,
-        "vae": _strip_private(_read_json(folder / "vae" / "config.json")),
+        "vae": _strip_private(read("vae/config.json")),
         "text_encoders": text_encoders,
         "scheduler": scheduler,
     }

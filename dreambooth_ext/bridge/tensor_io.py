@@ -11,6 +11,7 @@ import json
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
@@ -95,18 +96,64 @@ class SafetensorsSource(TensorSource):
             self._file = safe_open(name, framework="pt", device="cpu")
         self.metadata = self._file.metadata() or {}
         self._keys = list(self._file.keys())
+        # shapes, dtypes and byte ranges without asking the reader tensor by tensor
+        self._header, self._data_start = _header_of(self.path)
+        self._fd = None
 
     def keys(self):
         return list(self._keys)
 
     def shape(self, key):
-        return tuple(self._file.get_slice(key).get_shape())
+        info = self._header.get(key)
+        return tuple(info["shape"]) if info else tuple(self._file.get_slice(key).get_shape())
 
     def dtype(self, key):
-        return ST_DTYPES[self._file.get_slice(key).get_dtype()]
+        info = self._header.get(key)
+        return ST_DTYPES[info["dtype"] if info else self._file.get_slice(key).get_dtype()]
 
     def get(self, key):
-        return self._file.get_tensor(key)
+        """A fresh tensor read with plain file reads: the file is not mapped into this process, so the pages a
+        load reads never count as its memory (the reader's own mapped copy would, for the file's whole size)."""
+        info = self._header.get(key)
+        if info is None or not hasattr(os, "preadv") or sys.byteorder != "little":
+            return self._file.get_tensor(key)
+        start, end = info["data_offsets"]
+        t = torch.empty(info["shape"], dtype=ST_DTYPES[info["dtype"]])
+        if end - start != t.numel() * t.element_size():
+            return self._file.get_tensor(key)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)  # held open: the same file even if one replaces its name
+        view = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        done, offset = 0, self._data_start + start
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise UserError(f"{self.path.name} ended while {key} was read; it is probably truncated: "
+                                "download or copy it again.")
+            done += got
+        return t
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+def _header_of(path: Path):
+    """(key -> header entry, where the data begins) of a safetensors file the reader has already accepted;
+    ({}, 0) if it cannot be read again."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return {}, 0
+    entries = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+               and isinstance(v.get("shape"), list) and v.get("dtype") in ST_DTYPES
+               and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2}
+    return entries, 8 + n
 
 
 class DictSource(TensorSource):

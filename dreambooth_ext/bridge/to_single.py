@@ -85,8 +85,33 @@ def diffusers_to_single_file(src, dst, dtype: Optional[str] = None, metadata: Op
     from dreambooth_ext.bridge.destination import check_destination
 
     check_destination(src, dst, overwrite, "file")
-    fam = family_from_folder(src)
-    sidecar = read_sidecar(src)
+    return _write_single(src.name, family_from_folder(src), read_sidecar(src), lambda name: open_component(src, name),
+                         extras_source(src), dst, dtype, metadata, keep_ema, overwrite, say, replace)
+
+
+def checkpoint_to_single_file(opened, dst, dtype: Optional[str] = None, metadata: Optional[Dict[str, str]] = None,
+                              keep_ema: bool = True, overwrite: bool = True,
+                              progress: Optional[Callable[[str], None]] = None,
+                              replace: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> WriteReport:
+    """diffusers_to_single_file for a base read straight from its single file (an OpenedCheckpoint, see
+    to_diffusers.open_single_file): the same file the folder converted from it would give, without the folder."""
+    from dreambooth_ext.bridge.destination import check_destination
+    from dreambooth_ext.bridge.diffusers_folder import configs_as_read, family_from_configs
+
+    dst = Path(dst)
+    if dst.suffix not in (".safetensors", ".ckpt"):
+        raise UserError(f"{dst.name}: the output must end in .safetensors (recommended) or .ckpt.")
+    check_destination(opened.path, dst, overwrite, "file")
+    sidecar = opened.sidecar()
+    configs = configs_as_read(opened.public_family())
+    fam = family_from_configs(lambda rel: configs[rel], sidecar, opened.path.name)
+    return _write_single(opened.path.name, fam, sidecar, opened.component_source, opened.extras_source(), dst,
+                         dtype, metadata, keep_ema, overwrite, progress or log.info, replace)
+
+
+def _write_single(label: str, fam: dict, sidecar: dict, open_comp: Callable[[str], object], extras, dst: Path,
+                  dtype: Optional[str], metadata: Optional[Dict[str, str]], keep_ema: bool, overwrite: bool,
+                  say: Callable[[str], None], replace: Optional[Dict[str, Dict[str, torch.Tensor]]]) -> WriteReport:
     yaml_path = dst.with_suffix(".yaml")
     if _needs_yaml(fam, sidecar) and yaml_path.exists() and not overwrite:
         raise UserError(f"{yaml_path} already exists and the new model needs its own; pass --overwrite to "
@@ -97,15 +122,15 @@ def diffusers_to_single_file(src, dst, dtype: Optional[str] = None, metadata: Op
     problems: List[str] = []
     for comp in comps:
         given = (replace or {}).get(comp.name)
-        source = DictSource(given) if given is not None else open_component(src, comp.name)
+        source = DictSource(given) if given is not None else open_comp(comp.name)
         plan = plan_to_single(comp, source, out_dtype)
         entries += plan.entries
         problems += plan.problems
     if problems:
-        raise UserError(f"{src.name} cannot be written as a single file: {shapes_summary(problems)}.")
+        raise UserError(f"{label} cannot be written as a single file: {shapes_summary(problems)}.")
 
     notes: List[str] = []
-    entries += _extras(src, {e.name for e in entries}, keep_ema, out_dtype, notes)
+    entries += _extras(extras, {e.name for e in entries}, keep_ema, out_dtype, notes)
     if sidecar.get("legacy_clip_keys"):
         for e in entries:
             e.name = _legacy_name(e.name)
@@ -119,8 +144,7 @@ def diffusers_to_single_file(src, dst, dtype: Optional[str] = None, metadata: Op
     return WriteReport(str(dst), fam["family"], len(entries), str(yaml_path) if yaml_path else None, notes)
 
 
-def _extras(src: Path, taken, keep_ema: bool, out_dtype, notes: List[str]) -> List[Entry]:
-    extras = extras_source(src)
+def _extras(extras, taken, keep_ema: bool, out_dtype, notes: List[str]) -> List[Entry]:
     if extras is None:
         return []
     out = []

@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -32,11 +32,15 @@ def merged_state_dict(model: torch.nn.Module, base: Optional[Dict[str, torch.Ten
     return out
 
 
-def plain_state_dict(model: torch.nn.Module, folder: Optional[Path] = None, component: str = "") -> Dict[str, torch.Tensor]:
+def plain_state_dict(model: torch.nn.Module, folder: Optional[Path] = None, component: str = "",
+                     base_weights: Optional[Callable[[str], Dict[str, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
+    """`base_weights(component)` (or the component's file in `folder`): the stored weights a merge starts from."""
     if not lora_lib.lora_layers(model):
         return model.state_dict()
     base = None
-    if folder is not None:
+    if base_weights is not None:
+        base = base_weights(component)
+    elif folder is not None:
         from dreambooth_ext.bridge.diffusers_folder import component_state_dict
 
         base = component_state_dict(Path(folder), component)
@@ -68,20 +72,17 @@ def lora_file_metadata(cfg, step: int, bundle, path: Path) -> Dict[str, str]:
 
 
 def write_checkpoint(cfg, bundle, trainables, step: int, path: Path) -> Path:
-    """A single file in the WebUI's layout: the base folder's untrained parts plus the trained modules."""
-    from dreambooth_ext.bridge import diffusers_to_single_file
-
-    replace = {"unet": plain_state_dict(trainables.unet, bundle.folder, "unet")}
+    """A single file in the WebUI's layout: the base's untrained parts plus the trained modules."""
+    replace = {"unet": plain_state_dict(trainables.unet, component="unet", base_weights=bundle.base_state_dict)}
     if trainables.te_trained:
         for i, te in enumerate(trainables.text_encoders):
             name = text_encoder_name(i)
-            replace[name] = plain_state_dict(te, bundle.folder, name)
+            replace[name] = plain_state_dict(te, component=name, base_weights=bundle.base_state_dict)
     from dreambooth_ext.train.model_metadata import modelspec
 
     metadata = {**training_metadata(cfg, step, bundle), **modelspec(cfg, bundle.family, step, lora=False)}
-    report = diffusers_to_single_file(bundle.folder, path, dtype=cfg.save_dtype, keep_ema=False,
-                                      metadata=metadata, replace=replace,
-                                      progress=lambda _m: None)
+    report = bundle.write_single_file(path, dtype=cfg.save_dtype, keep_ema=False, metadata=metadata,
+                                      replace=replace, progress=lambda _m: None)
     return Path(report.path)
 
 

@@ -26,10 +26,10 @@ from dreambooth_ext.train.config import TrainConfig
 from dreambooth_ext.train.dataset import LatentSource, build_examples
 from dreambooth_ext.train.ema import EMA
 from dreambooth_ext.train.epochs import resolve_max_steps
-from dreambooth_ext.train.finite import check_finite_base, non_finite_message
+from dreambooth_ext.train.finite import non_finite_message
 from dreambooth_ext.train.latent_cache import DiskCache, used_views
 from dreambooth_ext.train.lora import cast_lora_parameters
-from dreambooth_ext.train.models import load_bundle, prepare_base
+from dreambooth_ext.train.models import open_base
 from dreambooth_ext.train.optim import make_lr_scheduler, make_optimizer
 from dreambooth_ext.train.placement import decide_placement, forget_last_accelerator
 from dreambooth_ext.train.precheck import check_sizes, prechecked
@@ -87,13 +87,10 @@ def prepare(cfg: TrainConfig, reporter: Reporter) -> TrainingRun:
     workspace.mkdir(parents=True, exist_ok=True)
     run = TrainingRun(cfg, reporter, acc, placement.on(acc.device), workspace)  # cuda:N under `accelerate launch`
 
-    with _main_first(acc):
-        folder = prepare_base(cfg.checkpoint, workspace, cfg.family, progress=reporter.stage,
-                              should_stop=reporter.should_stop)
-    reporter.stage(f"loading {folder}")
-    run.bundle = load_bundle(folder, dtypes=run.placement.load_dtypes())
-    if Path(folder) == Path(cfg.checkpoint).expanduser():  # a diffusers folder: no conversion checked it
-        check_finite_base(run.bundle, folder)
+    # a single file is built in memory in the placement's dtypes, straight onto the device; nothing is written
+    run.bundle = open_base(cfg.checkpoint, workspace, cfg.family, dtypes=run.placement.load_dtypes(),
+                           devices=run.placement.where("prepare"), progress=reporter.stage,
+                           should_stop=reporter.should_stop)
     # precheck read the sizes from the file header where it could; the loaded configs settle it
     check_sizes(cfg, {"vae": dict(run.bundle.vae.config), "unet": dict(run.bundle.unet.config)})
     if cfg.clip_skip > 1 and run.bundle.family != "sd1":
