@@ -161,16 +161,16 @@ def test_a_diffusers_folder_is_loaded_and_checked(tiny_checkpoints, tmp_path):
     assert said == [f"loading {tmp_path / 'folder'}"]
 
 
-def _open_base_in_runs(monkeypatch):
-    """run.py's loading of the base, through open_base (what run.py is to call)."""
+def _convert_and_load_in_runs(monkeypatch):
+    """run.py's loading of the base as it was before open_base: a converted folder in the workspace, loaded."""
     from dreambooth_ext.train import run
+    from dreambooth_ext.train.models import prepare_base
 
-    def load(cfg, workspace, acc, reporter, placement):
-        with run._main_first(acc):
-            return open_base(cfg.checkpoint, workspace, cfg.family, dtypes=placement.load_dtypes(),
-                             progress=reporter.stage, should_stop=reporter.should_stop)
+    def load(checkpoint, workspace, family, dtypes, devices, progress, should_stop):
+        folder = prepare_base(checkpoint, workspace, family, progress=progress, should_stop=should_stop)
+        return load_bundle(folder, dtypes=dtypes)
 
-    monkeypatch.setattr(run, "_load_base", load)
+    monkeypatch.setattr(run, "open_base", load)
 
 
 def _written(path):
@@ -192,10 +192,11 @@ def test_a_run_from_a_single_file_writes_no_base_folder_and_the_same_model(tiny_
         dict(train_mode="lora", lora_rank=4, lora_learning_rate=1e-2, text_encoder_mode="lora", save_lora_merged=True)
     results = {}
     for way in ("folder", "memory"):
-        if way == "memory":
-            _open_base_in_runs(monkeypatch)
-        cfg = small_config(tmp_path / way, tiny_checkpoints("sd1"), max_steps=3, **extra)
-        result = train(cfg, RecordingReporter())
+        with monkeypatch.context() as patch:
+            if way == "folder":
+                _convert_and_load_in_runs(patch)
+            cfg = small_config(tmp_path / way, tiny_checkpoints("sd1"), max_steps=3, **extra)
+            result = train(cfg, RecordingReporter())
         assert result.status == "finished"
         assert (cfg.workspace_path() / "base" / "model").exists() == (way == "folder")
         results[way] = sorted(result.outputs)
@@ -227,7 +228,7 @@ def test_built_on_the_device_equals_loading_then_moving(tiny_checkpoints, tmp_pa
     _same_bundle(mem, disk)
 
 
-def test_a_stop_while_a_run_builds_its_base_cancels_it(tiny_checkpoints, tmp_path, monkeypatch):
+def test_a_stop_while_a_run_builds_its_base_cancels_it(tiny_checkpoints, tmp_path):
     from tests.recording import RecordingReporter
     from tests.trainer_helpers import small_config
     from dreambooth_ext.train.run import train
@@ -236,7 +237,6 @@ def test_a_stop_while_a_run_builds_its_base_cancels_it(tiny_checkpoints, tmp_pat
         def should_stop(self):
             return any(s.startswith("loading ") for s in self.stages)
 
-    _open_base_in_runs(monkeypatch)
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), num_class_images=0)
     reporter = StopWhileLoading()
     result = train(cfg, reporter)
