@@ -98,6 +98,24 @@ def test_class_images_come_from_the_webuis_txt2img_with_the_base(webui, monkeypa
     assert r.status_code == 200 and _wait(c)["status"] == "finished" and len(processing.calls) == 3
 
 
+def test_class_images_close_what_the_webuis_txt2img_closes(webui, monkeypatch):
+    """Seen in Forge (dfdcbab6): after class images from its txt2img, its console "Total progress" bar stayed
+    open and the next txt2img counted on from those steps. The WebUI's txt2img closes each processing object
+    and that bar after a generation (modules/txt2img.py, modules/api/api.py text2imgapi); so does the stage."""
+    from modules import processing
+
+    _two_checkpoints(webui)
+    monkeypatch.setattr(processing, "calls", [])
+    monkeypatch.setattr(webui.shared, "total_tqdm", webui.shared.total_tqdm.__class__())
+    _fake_runner(monkeypatch, lambda cfg, job: SimpleNamespace(status="finished", step=0))
+    c = client(started_app(webui, api=True))
+    assert c.post("/dreambooth/v1/train", json=_webui_class_config(webui, count=2)).status_code == 200
+    assert _wait(c)["status"] == "finished"
+    assert len(processing.calls) == 2 and all(getattr(call["p"], "closed", False) for call in processing.calls)
+    bar = webui.shared.total_tqdm
+    assert not bar.open and bar.closed == [2 * 12]  # one bar for the stage's 2 images of 12 steps, closed
+
+
 def test_skip_ends_the_class_images_and_the_training_goes_on(webui, monkeypatch):
     from modules import processing
 

@@ -13,7 +13,7 @@ selected before the images and the previous checkpoint selected again after them
 
 import importlib
 import inspect
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from dreambooth_ext.errors import UserError
@@ -42,7 +42,8 @@ def make_class_images(host, cfg, job) -> int:
 def _make(host, cfg, job, plan, total: int, base: dict) -> int:
     from dreambooth_ext.train.class_images import image_seed, prepare_class_folder, save_class_image
 
-    processing, state = importlib.import_module("modules.processing"), importlib.import_module("modules.shared").state
+    processing, shared = importlib.import_module("modules.processing"), importlib.import_module("modules.shared")
+    state = shared.state
     state.begin(f"dreambooth: class images for {cfg.name}")  # the WebUI's bar, Interrupt and Skip for this stage
     done = 0
     try:
@@ -56,7 +57,8 @@ def _make(host, cfg, job, plan, total: int, base: dict) -> int:
                 p = processing.StableDiffusionProcessingTxt2Img(**_arguments(
                     processing.StableDiffusionProcessingTxt2Img, cfg, cj.prompt,
                     image_seed(cfg.seed, cj.prompt, index) % SEED_LIMIT, base))
-                images = processing.process_images(p).images
+                with closing(p):  # as the WebUI's txt2img does (modules/txt2img.py, modules/api/api.py)
+                    images = processing.process_images(p).images
                 if _stopped(host, job) or not images:  # a stopped sampling returns its half-made image
                     return done
                 save_class_image(images[0], cj.folder, cj.prompt, index)
@@ -69,6 +71,9 @@ def _make(host, cfg, job, plan, total: int, base: dict) -> int:
             job.stage(f"Skip pressed: training with the {done} class images the WebUI made now and those "
                       "there were")
         state.end()
+        # the WebUI's txt2img closes its console "Total progress" bar after a generation; left open, the
+        # next txt2img would count on from the class images' steps (seen in Forge)
+        shared.total_tqdm.clear()
 
 
 @contextmanager

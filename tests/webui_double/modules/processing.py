@@ -73,6 +73,9 @@ class StableDiffusionProcessing:  # processing.py: StableDiffusionProcessing (in
     def scripts(self):
         return self.scripts_value
 
+    def close(self):  # processing.py: StableDiffusionProcessing.close() drops the sampler and conditionings
+        self.closed = True  # double only
+
 
 @dataclass(repr=False)
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):  # processing.py: its own init fields
@@ -145,9 +148,11 @@ def _inner(p):
         if during_sampling is not None:
             during_sampling(p)
         state.sampling_step = p.steps
+        for _ in range(p.steps):  # sd_samplers_common.py: update_step() counts each step on the console bar
+            shared.total_tqdm.update()
         calls.append({"kwargs": {k: getattr(p, k) for k in p.__dataclass_fields__ if k != "scripts_value"},
                       "checkpoint": checkpoint, "locked": call_queue.queue_lock.locked(),
-                      "interrupted": state.interrupted, "skipped": state.skipped})
+                      "interrupted": state.interrupted, "skipped": state.skipped, "p": p})
         images += [_image(p, checkpoint) for _ in range(p.batch_size)]
         state.nextjob()
     return Processed(p, images, p.seed)

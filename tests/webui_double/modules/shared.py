@@ -3,7 +3,7 @@ import json
 import os
 import time
 
-from modules import paths
+from modules import paths, shared_total_tqdm
 
 # modules/cmd_args.py (+ extensions-builtin/Lora/preload.py for lora_dir): the flags the extension reads
 cmd_opts = argparse.Namespace(
@@ -150,3 +150,4 @@ class State:
 
 
 state = State()  # modules/shared.py: state (set by shared_init.initialize)
+total_tqdm = shared_total_tqdm.TotalTQDM()  # modules/shared.py: total_tqdm (set by shared_init.initialize)
