@@ -121,13 +121,11 @@ def test_the_written_checkpoint_is_the_one_the_folder_gives(tiny_checkpoints, tm
 
 
 def test_refusals_read_as_the_conversions_do(tiny_checkpoints, tmp_path):
-    state = load_file(str(tiny_checkpoints("sd1")))
-    key = next(k for k in state if k.startswith("first_stage_model.") and state[k].is_floating_point())
-    state[key] = state[key].clone()
-    state[key].view(-1)[0] = float("nan")
+    from tests.trainer_helpers import with_one_nan
+
     bad = tmp_path / "bad.safetensors"
-    save_file(state, str(bad))
-    shutil.copy(tiny_checkpoints("sd1").with_suffix(".yaml"), bad.with_suffix(".yaml"))
+    state = with_one_nan(tiny_checkpoints("sd1"), bad, "first_stage_model.")
+    key = next(k for k in state if k.startswith("first_stage_model.") and state[k].is_floating_point())
     with pytest.raises(UserError) as converting:
         single_file_to_diffusers(bad, tmp_path / "folder", progress=lambda _m: None)
     with pytest.raises(UserError) as building:

@@ -205,16 +205,11 @@ def test_a_nan_loss_stops_the_run_and_writes_no_model(tiny_checkpoints, tmp_path
     assert read_progress(cfg.workspace_path()).step == 2  # the last good state is kept
 
 
-def test_a_base_with_nan_weights_is_refused_when_converted(tiny_checkpoints, tmp_path):
-    from safetensors.torch import load_file, save_file
+def test_a_base_with_nan_weights_is_refused_before_training(tiny_checkpoints, tmp_path):
+    from tests.trainer_helpers import with_one_nan
 
-    tensors = load_file(str(tiny_checkpoints("sd1")))
-    key = next(k for k in tensors if k.startswith("model.diffusion_model.") and tensors[k].is_floating_point())
-    tensors[key] = tensors[key].clone()
-    tensors[key].view(-1)[0] = float("nan")
     broken = tmp_path / "broken.safetensors"
-    save_file(tensors, str(broken))
-    (tmp_path / "broken.yaml").write_text(tiny_checkpoints("sd1").with_suffix(".yaml").read_text())
+    with_one_nan(tiny_checkpoints("sd1"), broken, "model.diffusion_model.")
     cfg = small_config(tmp_path, broken, max_steps=1, num_class_images=0)
     with pytest.raises(UserError) as e:
         train(cfg, RecordingReporter())

@@ -51,3 +51,19 @@ def count_class_images(folder) -> int:
     if not folder.is_dir():
         return 0
     return len(list_images(folder)[0])
+
+
+def with_one_nan(checkpoint: Path, out: Path, prefix: str) -> dict:
+    """A copy of `checkpoint` (and its yaml) at `out` whose first float weight under `prefix` holds a NaN;
+    returns the copy's tensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(checkpoint))
+    key = next(k for k in tensors if k.startswith(prefix) and tensors[k].is_floating_point())
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(out))
+    shutil.copy(Path(checkpoint).with_suffix(".yaml"), Path(out).with_suffix(".yaml"))
+    return tensors
