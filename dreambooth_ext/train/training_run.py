@@ -8,7 +8,7 @@ everything here reads its inputs from the run rather than from a row of position
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train import state as st
@@ -193,38 +193,41 @@ class TrainingRun:
                                 f"(keep_last_models {self.cfg.keep_last_models})")
         return [str(p) for p in written]
 
-    def model_during_run(self) -> List[str]:
-        """A save_model_every save; when it fails, the state is saved so the training so far is kept."""
+    def _write_model_or(self, failed: Callable[[UserError], List[str]]) -> List[str]:
+        """write_model; `failed` says what a model that cannot be written (a full disk) means here.
+        Non-finite weights are never caught: nothing is written from them."""
         try:
             return self.write_model()
         except NonFiniteWeights:
             raise
         except UserError as e:
+            return failed(e)
+
+    def model_during_run(self) -> List[str]:
+        """A save_model_every save; when it fails, the state is saved so the training so far is kept."""
+        def failed(e):
             raise self._model_lost(e, self.try_save_state(), "saved", "to go on from there") from None
+
+        return self._write_model_or(failed)
 
     def model_on_interrupt(self) -> List[str]:
         """save_model_on_interrupt: the model as it is when stopped; a failure is a warning (the state is saved)."""
-        try:
-            return self.write_model()
-        except NonFiniteWeights:
-            raise
-        except UserError as e:
+        def failed(e):
             self.reporter.warn(f"The model at step {self.step} was not written: {e}")
             return []
+
+        return self._write_model_or(failed)
 
     def final_model(self, state_error: Optional[str], save_state_if_lost: bool) -> List[str]:
         """The last model files; a failure says what is kept, so nothing trained is lost without a word.
 
         save_state_if_lost: the state was not saved at the end, so save it when the model cannot be written.
         """
-        try:
-            written = self.write_model()
-        except NonFiniteWeights:
-            raise
-        except UserError as e:
-            if save_state_if_lost:
-                state_error = self.try_save_state()
-            raise self._model_lost(e, state_error, "kept", "to write the model without training again") from None
+        def failed(e):
+            lost = self.try_save_state() if save_state_if_lost else state_error
+            raise self._model_lost(e, lost, "kept", "to write the model without training again") from None
+
+        written = self._write_model_or(failed)
         if state_error:
             self.reporter.warn(f"The model was written, but the training state was not: {state_error}")
         return written
