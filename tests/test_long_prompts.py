@@ -50,7 +50,8 @@ def test_chunk_layout_follows_the_webui(clip):
     assert second == [start] + [dog] * 10 + [end] * 66
     # a batch pads the shorter prompt with an empty chunk: start, then end tokens
     batch = batch_chunks(tok, [_words("cat", 100), "cat"], 3)
-    assert batch[1][1] == [start] + [end] * 76
+    ids, weights = batch[1]
+    assert ids[1] == [start] + [end] * 76 and weights[1] == [1.0] * 77
     assert prompt_chunks(tok, _words("cat", 300), 3)[2][1:76] == [cat] * 75  # 225 tokens at most
 
 

@@ -6,18 +6,22 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from dreambooth_ext.train.long_prompts import CHUNK, batch_chunks
+from dreambooth_ext.train.prompt_weights import apply_weights
 
 
 @dataclass(frozen=True)
 class TextOptions:
-    """How prompts are read: chunks of 75 tokens (1-3) and the WebUI's clip skip (SD1 only; 1 = last layer)."""
+    """How prompts are read: chunks of 75 tokens (1-3), the WebUI's clip skip (SD1 only; 1 = last layer),
+    and whether emphasis and BREAK are read as the WebUI reads them (prompt_weights)."""
 
     max_chunks: int = 1
     clip_skip: int = 1
+    weighting: bool = False
 
     @classmethod
     def from_config(cls, cfg, family: str) -> "TextOptions":
-        return cls(max(1, cfg.max_prompt_tokens // CHUNK), cfg.clip_skip if family == "sd1" else 1)
+        return cls(max(1, cfg.max_prompt_tokens // CHUNK), cfg.clip_skip if family == "sd1" else 1,
+                   cfg.prompt_weighting)
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -45,15 +49,16 @@ def encode_prompts(text_encoders: List[torch.nn.Module], tokenizers: list, promp
     options = options or TextOptions()
     device = next(text_encoders[0].parameters()).device
     if not sdxl:
-        chunks = batch_chunks(tokenizers[0], prompts, options.max_chunks)
-        states = [_sd_hidden(text_encoders[0], torch.tensor(ids, device=device), options.clip_skip) for ids in chunks]
+        chunks = batch_chunks(tokenizers[0], prompts, options.max_chunks, options.weighting)
+        states = [apply_weights(_sd_hidden(text_encoders[0], torch.tensor(ids, device=device), options.clip_skip),
+                                torch.tensor(weights)) for ids, weights in chunks]
         return torch.cat(states, dim=1), None
     per_encoder, pooled = [], None
     for encoder, tokenizer in zip(text_encoders, tokenizers):
         states = []
-        for i, ids in enumerate(batch_chunks(tokenizer, prompts, options.max_chunks)):
+        for i, (ids, weights) in enumerate(batch_chunks(tokenizer, prompts, options.max_chunks, options.weighting)):
             out = encoder(torch.tensor(ids, device=device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
+            states.append(apply_weights(out.hidden_states[-2], torch.tensor(weights)))  # the pooled output is not weighted
             if i == 0:
                 pooled = out[0]  # the last encoder's projected text embedding, first chunk
         per_encoder.append(torch.cat(states, dim=1))

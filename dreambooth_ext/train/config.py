@@ -227,6 +227,11 @@ class TrainConfig:
         1, "The WebUI's 'Clip skip' (stop at last layers): 1 = the last layer, 2 = the penultimate, as many "
         "anime SD1 models expect. SD1 only: SD2 and SDXL have their own fixed layer. In the WebUI the tab starts "
         "from its live setting.", "text encoder", min=1, max=12)
+    prompt_weighting: bool = setting(
+        False, "Read emphasis and BREAK in captions, prompts, sample prompts and class prompts as the WebUI's txt2img "
+        "does: (word) x1.1, [word] /1.1, (word:1.5), \\( for a bracket, BREAK to start a new 75-token chunk. Off: "
+        "brackets and BREAK are plain text (kohya's default). Use it when captions carry weights the way your "
+        "txt2img prompts will.", "text encoder")
 
     # memory & speed
     mixed_precision: str = setting("auto", "auto: bf16 where the GPU supports it, else fp16 with loss scaling; "

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import List, Sequence
 
-from dreambooth_ext.train.long_prompts import CHUNK, kept_tokens, prompt_token_ids
+from dreambooth_ext.train.long_prompts import CHUNK, kept_tokens, token_count
 
 WINDOW = CHUNK  # CLIP reads 77 tokens: the start and end markers and 75 of the prompt
 
@@ -16,7 +16,7 @@ def _origin(example) -> str:
 
 
 def long_prompt_warning(tokenizer, examples: Sequence, extra_prompts: Sequence[str] = (),
-                        max_tokens: int = WINDOW) -> List[str]:
+                        max_tokens: int = WINDOW, weighting: bool = False) -> List[str]:
     """One warning for every prompt cut at max_tokens (75, 150 or 225: chunks of 75), or none."""
     chunks = max(1, max_tokens // CHUNK)
     seen, long = {}, []
@@ -24,9 +24,9 @@ def long_prompt_warning(tokenizer, examples: Sequence, extra_prompts: Sequence[s
     def check(prompt: str, where: str):
         if prompt in seen:
             return
-        total = len(prompt_token_ids(tokenizer, prompt))
+        total = token_count(tokenizer, prompt, weighting)
         seen[prompt] = total
-        if total > chunks * CHUNK or (chunks > 1 and kept_tokens(tokenizer, prompt, chunks) < total):
+        if kept_tokens(tokenizer, prompt, chunks, weighting) < total:
             long.append((where, total))
 
     for ex in examples:

@@ -109,7 +109,7 @@ def data(run: TrainingRun) -> None:
         raise Cancelled("stopped while generating class images; the ones made are kept") from None
     run.instances, run.classes = build_examples(cfg, reporter.warn, should_stop=reporter.should_stop)
     for w in long_prompt_warning(run.bundle.tokenizers[0], run.instances.examples + run.classes.examples,
-                                 cfg.sample_prompts, cfg.max_prompt_tokens):
+                                 cfg.sample_prompts, cfg.max_prompt_tokens, cfg.prompt_weighting):
         reporter.warn(w)
     if cfg.prior_loss_weight > 0 and any(c.class_prompt for c in cfg.concepts) and not len(run.classes):
         reporter.warn("no class images are available, so prior preservation is off for this run")
