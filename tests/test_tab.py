@@ -97,6 +97,7 @@ def odd_config() -> TrainConfig:
         lr_num_cycles=2, lr_power=2.0, lora_rank=8, lora_alpha=4.0, lora_targets="attention_ff",
         init_lora="/l/start.safetensors", text_encoder_mode="lora", text_encoder_lr=2e-6,
         text_encoder_lora_lr=1e-5, text_encoder_stop_step=100, max_prompt_tokens=150, clip_skip=2,
+        prompt_weighting=True,
         mixed_precision="bf16", attention="sdpa",
         gradient_checkpointing=True, cache_latents=False, cache_text_embeddings=False,
         sample_every=50, sample_prompts=["a sks0 dog on a beach", "a sks1 dog, oil painting"],
