@@ -23,16 +23,23 @@ def image_latents(bundle, paths: Sequence[Path], resolution: int) -> torch.Tenso
 
 @torch.no_grad()
 def generated_latents(pipe, prompt: str, seeds: Sequence[int], steps: int, resolution: int,
-                      guidance: float = 1.0) -> torch.Tensor:
+                      guidance: float = 1.0, text=None) -> torch.Tensor:
     """Final latents (before decoding) of one image per seed.
 
     Guidance 1 (no classifier-free guidance) by default: a model fine-tuned from scratch-like
     weights never learned the empty prompt, and guidance would extrapolate from it.
+    `text` (conditioning.TextOptions): the prompt is encoded as samples encode it (long prompts, clip
+    skip, emphasis), not by the pipeline's own tokenizer call.
     """
+    from dreambooth_ext.train.inference import with_embeddings
+
     out = []
     for seed in seeds:
-        result = pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution, guidance_scale=guidance,
-                      generator=torch.Generator().manual_seed(seed), output_type="latent")
+        call = dict(prompt=prompt, num_inference_steps=steps, height=resolution, width=resolution,
+                    guidance_scale=guidance, generator=torch.Generator().manual_seed(seed))
+        if text is not None:
+            call = with_embeddings(pipe, call, text)
+        result = pipe(**call, output_type="latent")
         out.append(result.images[0].float().cpu())
     return torch.stack(out)
 

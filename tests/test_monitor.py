@@ -166,3 +166,18 @@ def test_a_resumed_run_keeps_the_figures_of_the_steps_before_its_state(tmp_path,
     assert seen == [[2, 4]] and [p.step for p in state.monitor] == [2, 4, 6]
     after = read_record(first.workspace_path())
     assert [p.step for p in after.points] == [2, 4, 6] and after.points[:2] == before.points
+
+
+def test_the_monitor_reads_prompts_as_the_samples_do(tiny_checkpoints, tmp_path, monkeypatch):
+    """Clip skip, long prompts and emphasis reach the monitor's generations (they once went through the
+    pipeline's own tokenizer call, which knows none of them)."""
+    import dreambooth_ext.train.monitor as monitor
+    from dreambooth_ext.train.conditioning import TextOptions
+
+    seen = []
+    real = monitor._generate
+    monkeypatch.setattr(monitor, "_generate", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=1, sample_every=1, sample_steps=2,
+                       num_sample_images=1, clip_skip=2, max_prompt_tokens=150, prompt_weighting=True)
+    train(cfg, RecordingReporter())
+    assert seen and all(t == TextOptions(2, 2, True) for t in seen)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from dreambooth_ext.atomic import write_text
+from dreambooth_ext.train.conditioning import TextOptions
 
 DRIFT_LIMIT = 0.5
 SEEDS = (9001, 9002, 9003, 9004)
@@ -97,7 +98,7 @@ class MonitorLine(str):
 
 
 def _generate(bundle, unet, text_encoders, prompt: str, seeds, steps: int, guidance: float, resolution: int,
-              autocast=contextlib.nullcontext):
+              autocast=contextlib.nullcontext, text=None):
     from dreambooth_ext.evaluate import generated_latents
     from dreambooth_ext.train.inference import eval_mode, pipeline_modules
     from dreambooth_ext.train.models import make_pipeline
@@ -105,7 +106,7 @@ def _generate(bundle, unet, text_encoders, prompt: str, seeds, steps: int, guida
     pipe = make_pipeline(bundle, unet=unet, text_encoders=text_encoders)
     # autocast: a fp32 trained UNet beside half-precision frozen parts, as for samples
     with eval_mode(pipeline_modules(pipe)), autocast():
-        return generated_latents(pipe, prompt, seeds, steps, resolution, guidance)
+        return generated_latents(pipe, prompt, seeds, steps, resolution, guidance, text)
 
 
 class Monitor:
@@ -120,6 +121,7 @@ class Monitor:
         self.path = Path(workspace) / FILE
         self.steps, self.guidance, self.res = cfg.sample_steps, cfg.sample_guidance, cfg.resolution
         self.bundle, self.unet, self.tes, self.autocast = bundle, unet, text_encoders, autocast
+        self.text = TextOptions.from_config(cfg, bundle.family)  # prompts read as the samples read them
         instance_prompt = build_prompt(concept.instance_prompt, None, "filewords")
         class_prompt = (concept.class_prompt or "").strip()
         files = list_images(Path(concept.instance_dir))[0]
@@ -148,7 +150,7 @@ class Monitor:
 
     def _latents(self, prompt: str) -> "torch.Tensor":  # noqa: F821
         return _generate(self.bundle, self.unet, self.tes, prompt, SEEDS, self.steps, self.guidance, self.res,
-                         self.autocast)
+                         self.autocast, self.text)
 
     def _embedded(self, latents) -> "torch.Tensor":  # noqa: F821
         """CLIP image embeddings of generations, decoded by the bundle's VAE."""
