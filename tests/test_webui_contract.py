@@ -281,6 +281,35 @@ def test_sdnext_checkpoint_list_is_read_from_sd_checkpoint(webui, monkeypatch):
     assert h._info_for(str(new)).title == "dog_800"
 
 
+def test_sdnext_a_checkpoint_it_cannot_load_is_one_sentence(webui, monkeypatch):
+    """SD.Next (431bcc36) load_diffuser() logs 'not loaded' and returns when diffusers refuses a file: the
+    option's onchange raises nothing, Options.set returns True and no model is loaded; seen with a
+    non-standard-size SD1 that its single-file loader builds at the sizes of configs/sd15."""
+    from dreambooth_ext.errors import UserError
+
+    sd_models, shared = webui.sd_models, webui.shared
+    monkeypatch.setitem(sys.modules, "modules.sd_checkpoint", sd_models)  # the list and aliases live there
+    add_checkpoint(webui.models / "Stable-diffusion", "base.safetensors")
+    good = add_checkpoint(webui.models / "Stable-diffusion", "full_2.safetensors")
+    bad = add_checkpoint(webui.models / "Stable-diffusion", "tiny_20.safetensors")
+    sd_models.list_models()
+    sd_models.load_model(sd_models.checkpoint_aliases["base.safetensors"])
+
+    def reload(*args, **kwargs):  # the shape of SD.Next's reload: unload, then load or log and return
+        info = sd_models.select_checkpoint()
+        sd_models.model_data.sd_model = None
+        if info.filename != str(bad):
+            sd_models.load_model(info)
+
+    shared.opts.onchange("sd_model_checkpoint", reload, call=False)
+    h = host("sdnext")
+    assert h.set_active_checkpoint(str(good))
+    with pytest.raises(UserError) as e:
+        h.set_active_checkpoint(str(bad))
+    assert str(e.value) == ("SD.Next could not load tiny_20.safetensors (its console says why); pick another "
+                            "checkpoint in the list at the top of the page.")
+
+
 def test_importing_the_adapter_outside_a_webui_is_harmless():
     out = subprocess.run([sys.executable, "-c", "import dreambooth_ext.host.webui as w; print(w.detect_flavour())"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)

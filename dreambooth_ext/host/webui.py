@@ -230,6 +230,12 @@ class WebUIHost(Host):
                 return info
         return None
 
+    def _is_loaded(self, info) -> bool:
+        model = getattr(getattr(_m("sd_models"), "model_data", None), "sd_model", None)
+        loaded = getattr(getattr(model, "sd_checkpoint_info", None), "filename", None)
+        return loaded is not None and os.path.normcase(os.path.abspath(loaded)) == \
+            os.path.normcase(os.path.abspath(info.filename))
+
     def set_active_checkpoint(self, path: str) -> bool:
         info = self._info_for(path)
         if info is None:
@@ -256,6 +262,12 @@ class WebUIHost(Host):
             except Exception as e:  # noqa: BLE001 - the WebUI's own loading failed
                 raise UserError(f"The WebUI could not load {Path(info.filename).name} ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+        if self.flavour == SDNEXT and not self._is_loaded(info):
+            # SD.Next modules/sd_models.py load_diffuser() logs 'Load model: name="..." not loaded' and returns
+            # when diffusers refuses the file: nothing is raised, Options.set returns True, the option keeps the
+            # new title and no model is loaded (the previous one was unloaded first).
+            raise UserError(f"SD.Next could not load {Path(info.filename).name} (its console says why); pick "
+                            "another checkpoint in the list at the top of the page.")
         try:
             shared.opts.save(shared.config_filename)
         except Exception as e:  # the checkpoint is active; only remembering it across restarts failed
