@@ -243,6 +243,73 @@ def test_sdnext_variant(webui, monkeypatch):
     assert calls == [("begin", "dreambooth: dog"), ("unload", "model"), ("reload",), ("end",)]
 
 
+def test_sdnext_checkpoint_list_is_read_from_sd_checkpoint(webui, monkeypatch):
+    """SD.Next (431bcc36) modules/sd_checkpoint.py list_models() ends with `checkpoints_list = dict(sorted(...))`:
+    the module gets a new dict each time, while modules/sd_models.py keeps the one it imported at start-up.
+    A checkpoint written after start-up is only in sd_checkpoint's list; so are its aliases (name without the
+    extension, filename), which sd_models does not export at all."""
+    import types
+
+    sd_models = webui.sd_models
+    folder = webui.models / "Stable-diffusion"
+    sd_checkpoint = types.ModuleType("modules.sd_checkpoint")
+    sd_checkpoint.checkpoints_list, sd_checkpoint.checkpoint_aliases = {}, {}
+
+    def list_models():  # the shape of SD.Next's list_models(): clear, register, rebind to a sorted copy
+        sd_checkpoint.checkpoints_list.clear()
+        sd_checkpoint.checkpoint_aliases.clear()
+        for path in sorted(folder.glob("*.safetensors")):
+            info = SimpleNamespace(name=path.stem, title=path.stem, filename=str(path))
+            sd_checkpoint.checkpoints_list[info.title] = info
+            for key in (info.name, info.filename, info.title):
+                sd_checkpoint.checkpoint_aliases[key] = info
+        sd_checkpoint.checkpoints_list = dict(sorted(sd_checkpoint.checkpoints_list.items()))
+
+    monkeypatch.setitem(sys.modules, "modules.sd_checkpoint", sd_checkpoint)
+    add_checkpoint(folder, "base.safetensors")
+    list_models()
+    stale = dict(sd_checkpoint.checkpoints_list)
+    monkeypatch.setattr(sd_models, "checkpoints_list", stale)  # what sd_models imported at start-up
+    monkeypatch.setattr(sd_models, "list_models", list_models)
+    h = host("sdnext")
+    new = add_checkpoint(folder, "dog_800.safetensors")
+    h.refresh_checkpoints()
+    assert ("dog_800", str(new)) in h.list_checkpoints()
+    assert "dog_800" not in sd_models.checkpoints_list  # SD.Next's own stale list
+    assert h.checkpoint_file("dog_800") == str(new)
+    assert h.checkpoint_file(str(new)) == str(new)  # SD.Next's alias: the filename
+    assert h._info_for(str(new)).title == "dog_800"
+
+
+def test_sdnext_a_checkpoint_it_cannot_load_is_one_sentence(webui, monkeypatch):
+    """SD.Next (431bcc36) load_diffuser() logs 'not loaded' and returns when diffusers refuses a file: the
+    option's onchange raises nothing, Options.set returns True and no model is loaded; seen with a
+    non-standard-size SD1 that its single-file loader builds at the sizes of configs/sd15."""
+    from dreambooth_ext.errors import UserError
+
+    sd_models, shared = webui.sd_models, webui.shared
+    monkeypatch.setitem(sys.modules, "modules.sd_checkpoint", sd_models)  # the list and aliases live there
+    add_checkpoint(webui.models / "Stable-diffusion", "base.safetensors")
+    good = add_checkpoint(webui.models / "Stable-diffusion", "full_2.safetensors")
+    bad = add_checkpoint(webui.models / "Stable-diffusion", "tiny_20.safetensors")
+    sd_models.list_models()
+    sd_models.load_model(sd_models.checkpoint_aliases["base.safetensors"])
+
+    def reload(*args, **kwargs):  # the shape of SD.Next's reload: unload, then load or log and return
+        info = sd_models.select_checkpoint()
+        sd_models.model_data.sd_model = None
+        if info.filename != str(bad):
+            sd_models.load_model(info)
+
+    shared.opts.onchange("sd_model_checkpoint", reload, call=False)
+    h = host("sdnext")
+    assert h.set_active_checkpoint(str(good))
+    with pytest.raises(UserError) as e:
+        h.set_active_checkpoint(str(bad))
+    assert str(e.value) == ("SD.Next could not load tiny_20.safetensors (its console says why); pick another "
+                            "checkpoint in the list at the top of the page.")
+
+
 def test_importing_the_adapter_outside_a_webui_is_harmless():
     out = subprocess.run([sys.executable, "-c", "import dreambooth_ext.host.webui as w; print(w.detect_flavour())"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)

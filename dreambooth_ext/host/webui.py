@@ -170,8 +170,15 @@ class WebUIHost(Host):
 
     # --- checkpoints
 
+    def _checkpoint_module(self):
+        # SD.Next's modules/sd_checkpoint.py list_models() rebinds its module-level checkpoints_list to a new
+        # sorted dict each time; modules/sd_models.py imported the first dict by name, which is never updated
+        # again (a file written later is missing there; SD.Next's own /sdapi/v1/sd-models reads that stale one).
+        # Its checkpoint_aliases lives only in sd_checkpoint. A1111 and Forge keep both in sd_models.
+        return _m("sd_checkpoint") if self.flavour == SDNEXT else _m("sd_models")
+
     def _checkpoints(self) -> list:
-        return list(_m("sd_models").checkpoints_list.values())
+        return list(self._checkpoint_module().checkpoints_list.values())
 
     def list_checkpoints(self) -> List[Tuple[str, str]]:
         # modules/sd_models.py: checkpoints_list maps title -> CheckpointInfo (SD.Next: modules/sd_checkpoint.py)
@@ -182,7 +189,7 @@ class WebUIHost(Host):
         # it had before its first load and the ' [hash]' one it gains then (CheckpointInfo.calculate_shorthash);
         # get_closet_checkpoint_match strips a trailing ' [hash]' (re_strip_checksum) the same way. Its
         # substring match is left out: 'dog' must not name 'hotdog_800.safetensors'.
-        aliases = getattr(_m("sd_models"), "checkpoint_aliases", None) or {}
+        aliases = getattr(self._checkpoint_module(), "checkpoint_aliases", None) or {}
         for key in (title, _CHECKSUM.sub("", title)):
             info = aliases.get(key)
             if info is not None:
@@ -208,7 +215,7 @@ class WebUIHost(Host):
         info = getattr(model, "sd_checkpoint_info", None)
         if info is None:
             title = shared.opts.data.get("sd_model_checkpoint")
-            info = getattr(sd_models, "checkpoint_aliases", {}).get(title) if title else None
+            info = getattr(self._checkpoint_module(), "checkpoint_aliases", {}).get(title) if title else None
         if info is None:
             try:  # A1111 raises FileNotFoundError without checkpoints; Forge and SD.Next return None
                 info = sd_models.select_checkpoint()
@@ -222,6 +229,12 @@ class WebUIHost(Host):
             if os.path.normcase(os.path.abspath(info.filename)) == want:
                 return info
         return None
+
+    def _is_loaded(self, info) -> bool:
+        model = getattr(getattr(_m("sd_models"), "model_data", None), "sd_model", None)
+        loaded = getattr(getattr(model, "sd_checkpoint_info", None), "filename", None)
+        return loaded is not None and os.path.normcase(os.path.abspath(loaded)) == \
+            os.path.normcase(os.path.abspath(info.filename))
 
     def set_active_checkpoint(self, path: str) -> bool:
         info = self._info_for(path)
@@ -249,6 +262,12 @@ class WebUIHost(Host):
             except Exception as e:  # noqa: BLE001 - the WebUI's own loading failed
                 raise UserError(f"The WebUI could not load {Path(info.filename).name} ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+        if self.flavour == SDNEXT and not self._is_loaded(info):
+            # SD.Next modules/sd_models.py load_diffuser() logs 'Load model: name="..." not loaded' and returns
+            # when diffusers refuses the file: nothing is raised, Options.set returns True, the option keeps the
+            # new title and no model is loaded (the previous one was unloaded first).
+            raise UserError(f"SD.Next could not load {Path(info.filename).name} (its console says why); pick "
+                            "another checkpoint in the list at the top of the page.")
         try:
             shared.opts.save(shared.config_filename)
         except Exception as e:  # the checkpoint is active; only remembering it across restarts failed
