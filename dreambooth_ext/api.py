@@ -24,7 +24,7 @@ from dreambooth_ext.bridge import is_checkpoint_name
 from dreambooth_ext.bridge.tensor_io import SafetensorsSource, sniff_format
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.folders import apply_host_folders, check_paths
-from dreambooth_ext.train.config import load_config
+from dreambooth_ext.train.config_io import load_config
 from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.epochs import resolve_max_steps
 

@@ -39,7 +39,8 @@ def test_a_full_disk_is_one_sentence_naming_the_file_and_the_old_copy_stays(tmp_
 
 
 def test_save_config_on_a_full_disk_is_a_user_error(tmp_path, monkeypatch):
-    from dreambooth_ext.train.config import TrainConfig, save_config
+    from dreambooth_ext.train.config import TrainConfig
+    from dreambooth_ext.train.config_io import save_config
 
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

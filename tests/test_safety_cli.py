@@ -29,7 +29,7 @@ def test_hostile_settings_files_are_one_sentence(content, phrase, tmp_path, caps
 
 
 def test_a_huge_integer_setting_is_named_not_printed(tmp_path):
-    from dreambooth_ext.train.config import load_config
+    from dreambooth_ext.train.config_io import load_config
     from dreambooth_ext.train.config_checks import validate
 
     cfg = load_config({"seed": 10**5000, "checkpoint": "x", "name": "n",

@@ -72,7 +72,7 @@ def test_a_damaged_state_is_named_not_silently_restarted(damage, phrase, tiny_ch
     assert phrase in str(e.value) and str(state) in str(e.value) and "delete that folder" in str(e.value)
     assert sorted(p.name for p in state.iterdir()) == kept
     # the command line: the same sentence, no traceback
-    from dreambooth_ext.train.config import save_config
+    from dreambooth_ext.train.config_io import save_config
 
     save_config(cfg, tmp_path / "cfg.json")
     assert main(["train", "--config", str(tmp_path / "cfg.json")]) == 1

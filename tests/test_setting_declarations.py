@@ -114,7 +114,7 @@ def test_filewords_is_read_in_any_case_by_the_checks_as_by_the_captions(prompt):
 # --- a retired setting ---------------------------------------------------------------------------
 
 def test_a_saved_config_with_the_retired_dataloader_workers_still_loads(tmp_path):
-    from dreambooth_ext.train.config import load_config, to_dict
+    from dreambooth_ext.train.config_io import load_config, to_dict
 
     assert "dataloader_workers" not in {s.name for s in describe(TrainConfig)}
     saved = {**to_dict(TrainConfig(name="old", max_steps=7)), "dataloader_workers": 4}

@@ -13,7 +13,8 @@ gr = pytest.importorskip("gradio")
 from dreambooth_ext.hostapi import Host  # noqa: E402
 from dreambooth_ext.jobs import JobRunner  # noqa: E402
 from dreambooth_ext.plot import loss_plot  # noqa: E402
-from dreambooth_ext.train.config import Concept, TrainConfig, describe, load_config, to_dict  # noqa: E402
+from dreambooth_ext.train.config import Concept, TrainConfig, describe  # noqa: E402
+from dreambooth_ext.train.config_io import load_config, to_dict
 from dreambooth_ext.train.config_checks import validate  # noqa: E402
 from dreambooth_ext.ui import form as F  # noqa: E402
 from dreambooth_ext.ui.handlers import Handlers, status_text  # noqa: E402

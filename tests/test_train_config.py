@@ -7,7 +7,8 @@ import json
 import pytest
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.config import GROUPS, Concept, TrainConfig, describe, load_config, save_config, to_dict
+from dreambooth_ext.train.config import GROUPS, Concept, TrainConfig, describe
+from dreambooth_ext.train.config_io import load_config, save_config, to_dict
 from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.config_cli import add_arguments, config_from_args
 from dreambooth_ext.train.recommend import recommended

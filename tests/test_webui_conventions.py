@@ -197,7 +197,7 @@ def test_the_webui_generator_is_refused_where_it_cannot_work(webui, monkeypatch,
     from dreambooth_ext.host.standalone import StandaloneHost
     from dreambooth_ext.jobs import check_host
     from dreambooth_ext.train.class_images import NOT_IN_WEBUI
-    from dreambooth_ext.train.config import load_config
+    from dreambooth_ext.train.config_io import load_config
 
     _two_checkpoints(webui)
     cfg = load_config(_webui_class_config(webui))
@@ -248,7 +248,7 @@ def test_forge_selects_the_base_for_the_class_images_and_the_previous_one_after(
 
 def test_sdnext_refuses_a_ckpt_result_with_its_diffusers_backend(webui, monkeypatch):
     from dreambooth_ext.jobs import check_host
-    from dreambooth_ext.train.config import load_config
+    from dreambooth_ext.train.config_io import load_config
 
     _two_checkpoints(webui)
     ckpt = load_config(_config(webui, save_format="ckpt"))

@@ -11,13 +11,8 @@ from typing import Any, Dict, List, NamedTuple, Tuple
 
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.captions import has_filewords, without_filewords
-from dreambooth_ext.train.config import (
-    Concept,
-    FILEWORDS,
-    TrainConfig,
-    coerce,
-    type_hints,
-)
+from dreambooth_ext.train.config import Concept, FILEWORDS, TrainConfig, type_hints
+from dreambooth_ext.train.config_io import coerce
 
 _NAME_BAD_CHARS = '/\\:*?"<>|'
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}

@@ -6,16 +6,8 @@ import typing
 from dataclasses import fields
 from typing import Any, Dict, Optional
 
-from dreambooth_ext.train.config import (
-    Concept,
-    GROUPS,
-    TrainConfig,
-    default_of,
-    from_dict,
-    type_hints,
-    load_config,
-    to_dict,
-)
+from dreambooth_ext.train.config import Concept, GROUPS, TrainConfig, default_of, type_hints
+from dreambooth_ext.train.config_io import from_dict, load_config, to_dict
 
 _ALIASES = {"max_steps": ["--steps"]}
 _CONCEPT_FLAGS = ("instance_dir", "instance_prompt", "class_prompt", "class_dir", "num_class_images",

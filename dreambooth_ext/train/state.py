@@ -15,9 +15,10 @@ import torch
 
 from dreambooth_ext.atomic import atomic_path
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.config import RETIRED, Concept, TrainConfig, declared, to_dict
+from dreambooth_ext.train.config import RETIRED, Concept, TrainConfig, declared
 
 # settings that may change between an interrupted run and its resumption: declared with resumable=True
+from dreambooth_ext.train.config_io import to_dict
 RESUMABLE_CHANGES = frozenset(declared("resumable", TrainConfig))
 CONCEPT_RESUMABLE_CHANGES = frozenset(declared("resumable", Concept))
 

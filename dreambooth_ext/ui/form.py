@@ -10,7 +10,8 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dreambooth_ext.folders import HOST_FOLDERS
-from dreambooth_ext.train.config import Concept, SettingInfo, TrainConfig, describe, to_dict
+from dreambooth_ext.train.config import Concept, SettingInfo, TrainConfig, describe
+from dreambooth_ext.train.config_io import to_dict
 
 CONCEPT_BOXES = 4
 # where models go is the host's to say (its folders, --ckpt-dir, --lora-dir), not the form's

@@ -20,7 +20,8 @@ from dreambooth_ext.hostapi import Host
 from dreambooth_ext.folders import apply_host_folders, check_paths, settings_file
 from dreambooth_ext.paths import within
 from dreambooth_ext.jobs import RUNNER, JobRunner, JobState, check_host, host_hooks, status_text
-from dreambooth_ext.train.config import TrainConfig, load_config, save_config, to_dict
+from dreambooth_ext.train.config import TrainConfig
+from dreambooth_ext.train.config_io import load_config, save_config, to_dict
 from dreambooth_ext.train.config_checks import validate
 from dreambooth_ext.train.recommend import recommended
 from dreambooth_ext.train.state import read_progress
