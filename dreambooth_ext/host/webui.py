@@ -1,7 +1,8 @@
-"""The WebUI adapter: the one module that imports the host's `modules.*`.
+"""The WebUI adapter: with webui_checkpoints.py, webui_progress.py and webui_class_images.py, the only
+code that imports the host's `modules.*`.
 
 One class serves A1111 v1.10.1, the Forge fork and SD.Next. The flavour is detected once and every
-difference between them sits here, each beside the host file it follows. Imports of `modules.*` happen
+difference between them sits in these files, each beside the host file it follows. Imports of `modules.*` happen
 inside methods, so importing this file never fails, even outside a WebUI.
 """
 
@@ -12,15 +13,15 @@ import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, TypeVar
 
-from dreambooth_ext.errors import UserError
+from dreambooth_ext.host.webui_checkpoints import WebUICheckpoints
+from dreambooth_ext.host.webui_modules import A1111, FORGE, SDNEXT, _m, _say  # noqa: F401 - A1111: the flavours
+from dreambooth_ext.host.webui_progress import WebUIProgress
 from dreambooth_ext.hostapi import Host
 
 T = TypeVar("T")
 
-A1111, FORGE, SDNEXT = "a1111", "forge", "sdnext"
-_CHECKSUM = re.compile(r" \[[0-9a-fA-F]{8,64}\]$")  # the " [hash]" a title gains once the file is hashed
 EXTENSION_DIR = Path(__file__).resolve().parents[2]
 SECTION = ("dreambooth", "DreamBooth")
 
@@ -56,14 +57,6 @@ def detect_flavour() -> str:
     return A1111
 
 
-def _m(name: str):
-    return importlib.import_module(f"modules.{name}")
-
-
-def _say(text: str) -> None:
-    print(f"[dreambooth] {text}", file=sys.stderr)
-
-
 def register_settings() -> None:
     """Adds the DreamBooth section to the WebUI's settings (called from on_ui_settings)."""
     shared = _m("shared")
@@ -73,8 +66,9 @@ def register_settings() -> None:
         shared.opts.add_option(key, info)
 
 
-class WebUIHost(Host):
-    """The Host the tab and the API use inside a running WebUI."""
+class WebUIHost(WebUICheckpoints, WebUIProgress, Host):
+    """The Host the tab and the API use inside a running WebUI (its checkpoints and its progress, live
+    preview and top-bar buttons are in webui_checkpoints.py and webui_progress.py)."""
 
     def __init__(self, flavour: Optional[str] = None):
         self.flavour = flavour or detect_flavour()
@@ -167,165 +161,6 @@ class WebUIHost(Host):
             if sep:
                 creds[user.replace('"', "").strip()] = password.replace('"', "").strip()
         return creds
-
-    # --- checkpoints
-
-    def _checkpoint_module(self):
-        # SD.Next's modules/sd_checkpoint.py list_models() rebinds its module-level checkpoints_list to a new
-        # sorted dict each time; modules/sd_models.py imported the first dict by name, which is never updated
-        # again (a file written later is missing there; SD.Next's own /sdapi/v1/sd-models reads that stale one).
-        # Its checkpoint_aliases lives only in sd_checkpoint. A1111 and Forge keep both in sd_models.
-        return _m("sd_checkpoint") if self.flavour == SDNEXT else _m("sd_models")
-
-    def _checkpoints(self) -> list:
-        return list(self._checkpoint_module().checkpoints_list.values())
-
-    def list_checkpoints(self) -> List[Tuple[str, str]]:
-        # modules/sd_models.py: checkpoints_list maps title -> CheckpointInfo (SD.Next: modules/sd_checkpoint.py)
-        return [(info.title, info.filename) for info in self._checkpoints()]
-
-    def checkpoint_file(self, title: str) -> Optional[str]:
-        # modules/sd_models.py: checkpoint_aliases maps every id of a checkpoint to its CheckpointInfo, the title
-        # it had before its first load and the ' [hash]' one it gains then (CheckpointInfo.calculate_shorthash);
-        # get_closet_checkpoint_match strips a trailing ' [hash]' (re_strip_checksum) the same way. Its
-        # substring match is left out: 'dog' must not name 'hotdog_800.safetensors'.
-        aliases = getattr(self._checkpoint_module(), "checkpoint_aliases", None) or {}
-        for key in (title, _CHECKSUM.sub("", title)):
-            info = aliases.get(key)
-            if info is not None:
-                return info.filename
-        return super().checkpoint_file(title)
-
-    def refresh_checkpoints(self) -> None:
-        # A generation waiting for the queue lock must never run while list_models() has emptied the list
-        # (it fails with "No checkpoints found", or falls back to another model).
-        with self._queue_lock():
-            self.refresh_checkpoints_locked()
-
-    def refresh_checkpoints_locked(self) -> None:
-        # modules/shared_items.py: refresh_checkpoints() is sd_models.list_models() in all three hosts;
-        # list_models() clears checkpoints_list and checkpoint_aliases, then scans the folders again.
-        _m("sd_models").list_models()
-
-    def active_checkpoint(self) -> Optional[str]:
-        sd_models, shared = _m("sd_models"), _m("shared")
-        # model_data.sd_model, not shared.sd_model: A1111's shared.sd_model loads a model when none is loaded.
-        # Forge starts with a FakeInitialModel that has no sd_checkpoint_info.
-        model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
-        info = getattr(model, "sd_checkpoint_info", None)
-        if info is None:
-            title = shared.opts.data.get("sd_model_checkpoint")
-            info = getattr(self._checkpoint_module(), "checkpoint_aliases", {}).get(title) if title else None
-        if info is None:
-            try:  # A1111 raises FileNotFoundError without checkpoints; Forge and SD.Next return None
-                info = sd_models.select_checkpoint()
-            except Exception:
-                info = None
-        return getattr(info, "filename", None)
-
-    def _info_for(self, path: str):
-        want = os.path.normcase(os.path.abspath(path))
-        for info in self._checkpoints():
-            if os.path.normcase(os.path.abspath(info.filename)) == want:
-                return info
-        return None
-
-    def _is_loaded(self, info) -> bool:
-        model = getattr(getattr(_m("sd_models"), "model_data", None), "sd_model", None)
-        loaded = getattr(getattr(model, "sd_checkpoint_info", None), "filename", None)
-        return loaded is not None and os.path.normcase(os.path.abspath(loaded)) == \
-            os.path.normcase(os.path.abspath(info.filename))
-
-    def set_active_checkpoint(self, path: str) -> bool:
-        info = self._info_for(path)
-        if info is None:
-            self.refresh_checkpoints()
-            info = self._info_for(path)
-        if info is None:
-            return False
-        shared = _m("shared")
-        if self.flavour == FORGE:
-            # modules_forge/main_entry.py: checkpoint_change() sets the option and Forge's loading parameters;
-            # Forge loads the model at the next generation (its sd_models.load_model is a stub).
-            importlib.import_module("modules_forge.main_entry").checkpoint_change(info.title)
-            return True
-        # A1111 initialize_util.py / SD.Next webui.py: the option's onchange reloads the weights under the queue
-        # lock. modules/options.py Options.set returns False both when the value is unchanged and when onchange
-        # failed (it shows the error in the console and puts the old value back).
-        if not shared.opts.set("sd_model_checkpoint", info.title):
-            if shared.opts.data.get("sd_model_checkpoint") != info.title:
-                raise UserError(f"The WebUI could not load {Path(info.filename).name} (its console says why); "
-                                "pick it in the checkpoint list at the top of the page to try again.")
-            try:
-                with self._queue_lock():  # already selected: make sure it is the loaded one
-                    _m("sd_models").reload_model_weights(info=info)
-            except Exception as e:  # noqa: BLE001 - the WebUI's own loading failed
-                raise UserError(f"The WebUI could not load {Path(info.filename).name} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}).") from None
-        if self.flavour == SDNEXT and not self._is_loaded(info):
-            # SD.Next modules/sd_models.py load_diffuser() logs 'Load model: name="..." not loaded' and returns
-            # when diffusers refuses the file: nothing is raised, Options.set returns True, the option keeps the
-            # new title and no model is loaded (the previous one was unloaded first).
-            raise UserError(f"SD.Next could not load {Path(info.filename).name} (its console says why); pick "
-                            "another checkpoint in the list at the top of the page.")
-        try:
-            shared.opts.save(shared.config_filename)
-        except Exception as e:  # the checkpoint is active; only remembering it across restarts failed
-            _say(f"could not save the settings file: {e}")
-        return True
-
-    # --- progress (modules/shared_state.py: State)
-
-    def progress_begin(self, title: str, total: int) -> None:
-        state = _m("shared").state
-        # positional: A1111/Forge name it begin(job=...), SD.Next begin(title=..., api=None)
-        state.begin(f"dreambooth: {title}")
-        self._progress_open = True
-        # modules/progress.py: progress = job_no/job_count + sampling_step/sampling_steps/job_count
-        state.job_count, state.job_no = 1, 0
-        state.sampling_steps, state.sampling_step = max(int(total), 1), 0
-        state.textinfo = f"Training {title}"
-
-    def progress_update(self, step: int, total: int, text: str) -> None:
-        state = _m("shared").state
-        state.sampling_steps, state.sampling_step = max(int(total), 1), int(step)
-        state.textinfo = text
-
-    def progress_end(self) -> None:
-        if self._progress_open:  # State.end() reads time_start, which only begin() sets
-            self._progress_open = False
-            state = _m("shared").state
-            state.textinfo = None  # the progress API would go on showing the last step's text
-            state.end()
-
-    def interrupted(self) -> bool:
-        return bool(getattr(_m("shared").state, "interrupted", False))
-
-    def skipped(self) -> bool:
-        # shared_state.py: State.skip() (the top bar's Skip, /sdapi/v1/skip) sets `skipped`; begin() clears it
-        return bool(getattr(_m("shared").state, "skipped", False))
-
-    def clear_skip(self) -> None:
-        _m("shared").state.skipped = False  # processing.py clears it the same way before its next image
-
-    def preview(self, image_path: str) -> None:
-        """shared_state.py: assign_current_image() sets current_image and bumps id_live_preview, which the
-        progress API (modules/progress.py) sends as the live preview; its do_set_current_image() leaves the
-        image alone while current_latent is None, as it is during training."""
-        try:
-            from PIL import Image
-
-            with Image.open(image_path) as opened:
-                image = opened.convert("RGB")
-        except OSError:  # a sample removed meanwhile: no preview, no error
-            return
-        state = _m("shared").state
-        assign = getattr(state, "assign_current_image", None)
-        if assign is not None:
-            assign(image)
-        else:  # older or other hosts: the same two fields by hand
-            state.current_image = image
-            state.id_live_preview = getattr(state, "id_live_preview", 0) + 1
 
     # --- class images from the WebUI's own txt2img
 
