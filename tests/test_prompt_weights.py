@@ -11,6 +11,18 @@ from tests.test_long_prompts import _Ex, clip  # noqa: F401  (clip: fixture)
 WEIGHTED = TextOptions(2, weighting=True)
 
 
+def _with_a_mean(encoders):
+    """Copies whose last layer norm has a bias, as a real CLIP's has: then each chunk has a mean to keep
+    (the tiny random encoders' chunks average ~0)."""
+    import copy
+
+    out = [copy.deepcopy(e) for e in encoders]
+    with torch.no_grad():
+        for e in out:
+            e.text_model.final_layer_norm.bias.fill_(0.5)
+    return out
+
+
 def test_the_webuis_own_examples_parse_alike():
     # the examples A1111's modules/prompt_parser.py documents for parse_prompt_attention
     assert parse_weights("normal text") == [("normal text", 1.0)]
@@ -39,6 +51,7 @@ def test_break_starts_a_new_chunk_only_when_weighting_is_on(clip):
 
 def test_emphasis_weighs_the_tokens_hidden_states_and_keeps_the_chunks_mean(clip):
     encoders, toks = clip["sd1"]
+    encoders = _with_a_mean(encoders)
     plain = encode_prompts(encoders, toks, ["a cat on a mat"], False, TextOptions(1))[0]
     weighted = encode_prompts(encoders, toks, ["a (cat:1.5) on a mat"], False, TextOptions(1, weighting=True))[0]
     (ids, weights), = batch_chunks(toks[0], ["a (cat:1.5) on a mat"], 1, weighting=True)
@@ -83,3 +96,31 @@ def test_the_setting_reaches_training_samples_and_class_images():
 
     assert TextOptions.from_config(TrainConfig(prompt_weighting=True), "sd1").weighting
     assert not TextOptions.from_config(TrainConfig(), "sdxl").weighting
+
+
+def test_emphasis_under_the_gpus_bf16_layout(clip):
+    """Frozen encoders stored in bf16 under bf16 autocast (the CPU stand-in for a GPU run): the weighting
+    keeps the dtype and stays near the fp32 result."""
+    import copy
+
+    encoders, toks = clip["sd1"]
+    encoders = _with_a_mean(encoders)
+    half = [copy.deepcopy(e).to(torch.bfloat16) for e in encoders]
+    prompt = ["a (cat:1.5) on a [mat] BREAK a dog"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = encode_prompts(half, toks, prompt, False, WEIGHTED)[0]
+    full = encode_prompts(encoders, toks, prompt, False, WEIGHTED)[0]
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert low.shape == full.shape == (1, 154, full.shape[-1])
+    assert torch.allclose(low.float(), full, atol=0.1, rtol=0.05)
+
+
+def test_a_chunk_without_a_mean_is_weighted_but_not_rescaled():
+    """Random tiny encoders end in a bias-free layer norm: every chunk's mean is ~0 and the WebUI's
+    rescale would divide by ~0; the weights still apply."""
+    hidden = torch.randn(1, 77, 8)
+    hidden = hidden - hidden.mean(-1, keepdim=True)
+    weights = torch.ones(1, 77)
+    weights[0, 3] = 1.5
+    out = apply_weights(hidden, weights)
+    assert torch.isfinite(out).all() and torch.allclose(out[0, 3], hidden[0, 3] * 1.5)

@@ -75,6 +75,8 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One chunk's hidden states [B, 77, D] times each token's weight [B, 77], rescaled to the mean they had."""
     if bool((weights == 1).all()):
         return hidden  # nothing weighted: the same numbers, bit for bit
-    before = hidden.mean()
     weighted = hidden * weights.to(hidden.device, hidden.dtype).unsqueeze(-1)
-    return weighted * (before / weighted.mean())
+    before, after = hidden.float().mean(), weighted.float().mean()
+    if after.abs() <= 1e-6 * hidden.float().abs().mean():
+        return weighted  # a chunk whose mean is ~0 has no mean to keep (the WebUI's division would blow up)
+    return weighted * (before / after).to(hidden.dtype)
