@@ -77,6 +77,7 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return hidden  # nothing weighted: the same numbers, bit for bit
     weighted = hidden * weights.to(hidden.device, hidden.dtype).unsqueeze(-1)
     before, after = hidden.float().mean(), weighted.float().mean()
-    if after.abs() <= 1e-6 * hidden.float().abs().mean():
-        return weighted  # a chunk whose mean is ~0 has no mean to keep (the WebUI's division would blow up)
-    return weighted * (before / after).to(hidden.dtype)
+    # a chunk whose mean is ~0 has no mean to keep (the WebUI's division would blow up); torch.where keeps
+    # the choice on the device, so a training step gains no host sync
+    has_mean = after.abs() > 1e-6 * hidden.float().abs().mean()
+    return weighted * torch.where(has_mean, before / after, torch.ones_like(after)).to(hidden.dtype)
