@@ -122,5 +122,8 @@ def test_a_chunk_without_a_mean_is_weighted_but_not_rescaled():
     hidden = hidden - hidden.mean(-1, keepdim=True)
     weights = torch.ones(1, 77)
     weights[0, 3] = 1.5
+    hidden.requires_grad_(True)
     out = apply_weights(hidden, weights)
     assert torch.isfinite(out).all() and torch.allclose(out[0, 3], hidden[0, 3] * 1.5)
+    out.sum().backward()  # a trained text encoder's gradient passes through finite
+    assert torch.isfinite(hidden.grad).all()

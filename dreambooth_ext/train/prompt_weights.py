@@ -80,4 +80,6 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     # a chunk whose mean is ~0 has no mean to keep (the WebUI's division would blow up); torch.where keeps
     # the choice on the device, so a training step gains no host sync
     has_mean = after.abs() > 1e-6 * hidden.float().abs().mean()
-    return weighted * torch.where(has_mean, before / after, torch.ones_like(after)).to(hidden.dtype)
+    one = torch.ones_like(after)
+    ratio = torch.where(has_mean, before / torch.where(has_mean, after, one), one)  # no inf, even in backward
+    return weighted * ratio.to(hidden.dtype)
