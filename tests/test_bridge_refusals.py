@@ -170,3 +170,23 @@ def test_cli_exit_codes(tiny_checkpoints, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "e")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "missing.safetensors" in err[0]
+
+
+def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read_as_safetensors(tmp_path):
+    """The header length is 8 little-endian bytes; when its low byte is 0x80 (one file in 256) the file
+    starts with the pickle protocol marker, and must still be read as safetensors."""
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    from dreambooth_ext.bridge.tensor_io import open_checkpoint, sniff_format
+
+    path = tmp_path / "m.safetensors"
+    for pad in range(300):  # metadata of growing length until the header's length ends in 0x80
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80 and struct.unpack("<Q", path.read_bytes()[:8])[0] > 0
+    assert sniff_format(path) == "safetensors"
+    assert list(open_checkpoint(path).keys()) == ["w"]

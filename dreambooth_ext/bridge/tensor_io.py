@@ -204,12 +204,13 @@ def sniff_format(path: Path) -> str:
         head = f.read(16)
     if head[:2] == b"PK":
         return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
+    # safetensors first: a header length whose low byte is 0x80 (one file in 256) starts like a pickle
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if 0 < n < 100_000_000 and head[8:9] == b"{":
             return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
     return "unknown"
 
 
