@@ -254,3 +254,13 @@ def test_a_conversion_the_workspace_already_holds_is_loaded(tiny_checkpoints, tm
     _same_bundle(bundle, open_base(str(ck), tmp_path / "other", progress=lambda _m: None))
     # another family asked for than the conversion was made with: built from the file
     assert open_base(str(ck), tmp_path / "work", "sd1", progress=lambda _m: None).folder is None
+
+
+def test_a_pickled_base_is_converted_once_so_the_run_does_not_hold_the_whole_file(tiny_checkpoints, tmp_path):
+    state = load_file(str(tiny_checkpoints("sd1")))
+    ck = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": state}, str(ck))
+    shutil.copy(tiny_checkpoints("sd1").with_suffix(".yaml"), ck.with_suffix(".yaml"))
+    bundle = open_base(str(ck), tmp_path / "work", progress=lambda _m: None)
+    assert bundle.source is None and bundle.folder == tmp_path / "work" / "base" / "model"
+    _same_bundle(bundle, build_bundle(open_single_file(ck)))

@@ -171,14 +171,16 @@ def open_base(checkpoint: str, workspace: Path, family: str = "auto",
               progress: Optional[Callable[[str], None]] = None,
               should_stop: Optional[Callable[[], bool]] = None,
               devices: Optional[Dict[str, torch.device]] = None) -> ModelBundle:
-    """The run's base model as modules: a diffusers folder is loaded (and checked for NaN/inf); a single file
-    is built in memory, checked as a conversion checks it, and nothing is written to the workspace (a
-    conversion an earlier version left in the workspace for this very file is loaded instead).
+    """The run's base model as modules: a diffusers folder is loaded (and checked for NaN/inf); a safetensors
+    single file is built in memory, checked as a conversion checks it, and nothing is written to the
+    workspace (a conversion an earlier version left in the workspace for this very file is loaded
+    instead); a .ckpt is converted into the workspace once and loaded from there.
 
     `dtypes` and `devices` ("unet", "vae", "text_encoder" -> dtype / device; the placement's load_dtypes()
     and where("prepare")): a single file's weights go there as they are read, with no CPU copy of the model
     on the way; a folder is loaded on the CPU.
     """
+    from dreambooth_ext.bridge.tensor_io import sniff_format
     from dreambooth_ext.bridge.to_diffusers import open_single_file
     from dreambooth_ext.train.finite import check_finite_base
 
@@ -198,6 +200,12 @@ def open_base(checkpoint: str, workspace: Path, family: str = "auto",
         # an earlier run's conversion of this very file: loading it is quicker than reading the file again
         say(f"loading {base / 'model'}")
         return load_bundle(base / "model", dtypes=dtypes)
+    if sniff_format(src) != "safetensors":
+        # a .ckpt is unpickled whole into memory; the model built from it would keep that copy for the run
+        # (the trained file is written from it). Converted to a folder once, its memory is freed.
+        folder = prepare_base(checkpoint, workspace, family, progress, should_stop)
+        say(f"loading {folder}")
+        return load_bundle(folder, dtypes=dtypes)
     opened = open_single_file(src, family)
     for note in opened.notes:
         say(f"note: {note}")
