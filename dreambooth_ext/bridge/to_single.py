@@ -99,7 +99,7 @@ def checkpoint_to_single_file(opened, dst, dtype: Optional[str] = None, metadata
     from dreambooth_ext.bridge.diffusers_folder import configs_as_read, family_from_configs
 
     dst = Path(dst)
-    if dst.suffix not in (".safetensors", ".ckpt"):
+    if not is_checkpoint_name(dst):
         raise UserError(f"{dst.name}: the output must end in .safetensors (recommended) or .ckpt.")
     check_destination(opened.path, dst, overwrite, "file")
     sidecar = opened.sidecar()

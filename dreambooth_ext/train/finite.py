@@ -2,9 +2,9 @@
 
 import math
 
-import torch
 
 from dreambooth_ext.bridge.components import text_encoder_name
+from dreambooth_ext.bridge.to_diffusers import all_finite
 from dreambooth_ext.errors import UserError
 
 
@@ -24,7 +24,7 @@ def non_finite_message(cfg, step: int, loss: float, precision: str = "fp16") -> 
 def check_finite_weights(cfg, trainables, step: int) -> None:
     """Refuse to save trained weights that hold NaN or infinite values."""
     for p in trainables.parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+        if p.is_floating_point() and not all_finite(p.detach()):
             raise NonFiniteWeights(f"The trained weights of '{cfg.name}' hold NaN or infinite values at step {step}, "
                             "so nothing was saved from them: lower the learning rate, or set mixed precision "
                             "to bf16 or no; the last saved state (if any) is kept.")
@@ -35,6 +35,6 @@ def check_finite_base(bundle, folder) -> None:
     for label, module in [("unet", bundle.unet), ("vae", bundle.vae)] + [
             (text_encoder_name(i), te) for i, te in enumerate(bundle.text_encoders)]:
         for name, p in module.state_dict().items():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            if p.is_floating_point() and not all_finite(p):
                 raise UserError(f"The base model {folder} holds NaN or infinite values ({label}: {name}); it is broken "
                                 "and cannot be trained: download it again or pick another one.")

@@ -80,6 +80,8 @@ class ClipScorer:
         import torch
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
+        from dreambooth_ext.tokenizer_files import load_tokenizer
+
         folder = check_clip_folder(folder)
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -87,7 +89,7 @@ class ClipScorer:
             self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
             self.processor = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
             self.tokenizer = (CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-                              if any((folder / n).is_file() for n in TOKENIZER_FILES) else _shipped_tokenizer())
+                              if any((folder / n).is_file() for n in TOKENIZER_FILES) else load_tokenizer())  # all CLIP models share the shipped one
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise UserError(f"The CLIP model in {folder} (setting 'monitor_clip_model') could not be loaded: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}.") from None
@@ -132,14 +134,3 @@ class ClipScorer:
                                                attention_mask=tokens["attention_mask"].to(self._where()))
         return torch.nn.functional.normalize(out.float().cpu(), dim=-1)
 
-
-def _shipped_tokenizer():
-    """The extension's own CLIP tokenizer, for a model folder saved without one (all CLIP models share it)."""
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
-    from dreambooth_ext.tokenizer_files import write_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp)), local_files_only=True)

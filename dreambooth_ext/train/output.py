@@ -32,19 +32,13 @@ def merged_state_dict(model: torch.nn.Module, base: Optional[Dict[str, torch.Ten
     return out
 
 
-def plain_state_dict(model: torch.nn.Module, folder: Optional[Path] = None, component: str = "",
-                     base_weights: Optional[Callable[[str], Dict[str, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
-    """`base_weights(component)` (or the component's file in `folder`): the stored weights a merge starts from."""
+def plain_state_dict(model: torch.nn.Module, component: str,
+                     base_weights: Callable[[str], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The model's weights, LoRA merged in; `base_weights(component)` (ModelBundle.base_state_dict): the
+    stored weights a merge starts from."""
     if not lora_lib.lora_layers(model):
         return model.state_dict()
-    base = None
-    if base_weights is not None:
-        base = base_weights(component)
-    elif folder is not None:
-        from dreambooth_ext.bridge.diffusers_folder import component_state_dict
-
-        base = component_state_dict(Path(folder), component)
-    return merged_state_dict(model, base)
+    return merged_state_dict(model, base_weights(component))
 
 
 def training_metadata(cfg, step: int, bundle) -> Dict[str, str]:
