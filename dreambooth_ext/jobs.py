@@ -103,10 +103,10 @@ class Job(Reporter):
 
     def start(self, first_step, total, history=()):
         self._since = None
-        earlier = _monitor_points(self.cfg, first_step)
         with self._lock:
             self._state.losses = [list(p) for p in history]  # a resumed run's plot starts where it left off
-            self._state.monitor, self._state.monitor_note = earlier, ""
+            # the monitor's points are not reset here: a resumed run's earlier ones came with the monitor's
+            # first line, before this start (train/training_run.py start_monitor)
         self._update("start", status="running", step=first_step, total=total)
 
     def progress(self, step, total, loss, lr):
@@ -138,19 +138,6 @@ class Job(Reporter):
 
     def should_stop(self) -> bool:
         return self._stop.is_set()
-
-
-def _monitor_points(cfg, first_step: int) -> list:
-    """A resumed run's monitor figures up to its saved step, as its monitor.json keeps them."""
-    if first_step <= 0:
-        return []
-    try:
-        from dreambooth_ext.train.monitor import read_record
-
-        record = read_record(cfg.workspace_path())
-    except Exception:  # noqa: BLE001 - an unreadable file costs the plot its early points, never the run
-        return []
-    return [p for p in record.points if p.step <= first_step] if record is not None else []
 
 
 class NameTaken(UserError):

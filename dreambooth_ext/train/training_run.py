@@ -15,7 +15,7 @@ from dreambooth_ext.train import state as st
 from dreambooth_ext.train.conditioning import TextOptions
 from dreambooth_ext.train.config import TrainConfig
 from dreambooth_ext.train.finite import NonFiniteWeights, check_finite_weights
-from dreambooth_ext.train.monitor import Monitor, closing_note, describe
+from dreambooth_ext.train.monitor import Monitor, MonitorLine, closing_note, describe
 from dreambooth_ext.train.output import write_outputs
 from dreambooth_ext.train.placement import Placement
 from dreambooth_ext.train.reporter import Reporter
@@ -131,6 +131,10 @@ class TrainingRun:
                                    self.workspace, autocast=self.placement.autocast)
         finally:
             self.placement.enter(self.bundle, "train")
+        kept = self.monitor.record
+        if kept.points:  # a resumed run: the figures monitor.json kept for this run, for the tab's plot
+            self.reporter.stage(MonitorLine.of(f"monitor: {len(kept.points)} measurements from before the resume "
+                                               f"(up to step {kept.points[-1].step})", record=kept))
 
     def measure(self, last: bool = False) -> Optional[int]:
         """The monitor's figures at this step; at the end, its closing note and the step it picks."""
