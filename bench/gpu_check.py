@@ -3,7 +3,9 @@
 For each of SD1.5 full 512 px, SD1.5 LoRA 512 px and SDXL LoRA 1024 px, in bf16 and fp16, with
 PyTorch SDPA attention (and xformers when it imports): ~20 steps with prior preservation (class
 images generated first), one sample and one save, and a table of it/s, peak GPU memory
-(torch.cuda.max_memory_allocated and max_memory_reserved), the memory estimate beside it, and
+(torch.cuda.max_memory_allocated and max_memory_reserved) with the phase it was reached in (a stage's
+first word: class, caching, monitor:, samples, saving, or training), the training steps' own peak
+and the memory estimate beside it (the estimate is for the steps), and
 whether the written file reloads and generates a finite image. Full training uses 8-bit AdamW
 when bitsandbytes imports. Rows run most important first and stop at the time budget (--budget,
 default 7 minutes), so the whole check ends within 8 minutes on one modern GPU.
@@ -46,7 +48,10 @@ class Row:
     it_per_s: float = float("nan")
     peak_allocated_gb: float = float("nan")
     peak_reserved_gb: float = float("nan")
-    estimate_gb: float = float("nan")
+    train_peak_gb: float = float("nan")  # the training steps alone: what the estimate is for
+    peak_phase: str = ""  # the phase (a stage's first word, or "training") where the whole run peaked
+    estimate_gb: float = float("nan")  # the whole run's (steps or samples, whichever is higher)
+    estimate_train_gb: float = float("nan")  # the training steps'
     loss_finite: bool = False
     reloads_and_generates: Optional[bool] = None  # None: not checked in this row
     seconds: float = 0.0
@@ -99,6 +104,7 @@ def _reloads_and_generates(path: str, cfg, work: Path, device) -> bool:
     from safetensors.torch import load_file
 
     from dreambooth_ext.bridge import single_file_to_diffusers
+    from dreambooth_ext.train.inference import decode_latents
     from dreambooth_ext.train.lora_export import apply_webui_lora, load_webui_lora
     from dreambooth_ext.train.models import load_bundle, make_pipeline, open_base
 
@@ -117,10 +123,12 @@ def _reloads_and_generates(path: str, cfg, work: Path, device) -> bool:
     bundle.vae.to(torch.float32)  # the WebUI's --no-half-vae: a half SD VAE may overflow
     pipe = make_pipeline(bundle).to(device)
     with torch.no_grad():
-        image = pipe("a sks_pixarstyle character", num_inference_steps=2, height=cfg.resolution,
-                     width=cfg.resolution, generator=torch.Generator().manual_seed(0), output_type="np").images
+        latents = pipe("a sks_pixarstyle character", num_inference_steps=2, height=cfg.resolution,
+                       width=cfg.resolution, generator=torch.Generator().manual_seed(0), output_type="latent").images
+        # decoded as the product decodes: half latents cast to the fp32 VAE first
+        image = np.asarray(decode_latents(pipe, latents)[0], dtype=np.float32)
     del pipe, bundle
-    return bool(np.isfinite(image).all())
+    return bool(torch.isfinite(latents).all()) and float(image.std()) > 0  # a NaN decodes to a flat picture
 
 
 def run_row(base: Path, work: Path, case, precision: str, attention: str, steps: int, check_reload: bool,
@@ -141,17 +149,29 @@ def run_row(base: Path, work: Path, case, precision: str, attention: str, steps:
     cfg = _config(base, work, run_name, family, mode, resolution, checkpointed, precision, attention, optimizer, steps)
     device = torch.device("cuda" if cuda else "cpu")
     resolved, _ = resolve_mixed_precision(precision, device)
-    row.estimate_gb = round(estimate_for_config(cfg, family, resolved).total / 2**30, 2)
+    estimate = estimate_for_config(cfg, family, resolved)
+    row.estimate_gb = round(estimate.total / 2**30, 2)
+    row.estimate_train_gb = round(estimate.training_peak / 2**30, 2)
 
     class Timer(Reporter):
         times: List[float] = []
         losses: List[float] = []
         outputs: List[str] = []
+        peaks: dict = {}  # phase -> peak allocated bytes
+        phase = "start"
+
+        def _enter(self, phase: str) -> None:
+            if cuda:  # the peak since the last mark belongs to the phase that was running
+                peak = torch.cuda.max_memory_allocated()
+                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), peak)
+                torch.cuda.reset_peak_memory_stats()
+            self.phase = phase
 
         def stage(self, text, done=None, total=None):
-            pass
+            self._enter((text.split() or ["?"])[0])
 
         def progress(self, step, total, loss, lr):
+            self._enter("training")
             self.times.append(time.perf_counter())
             self.losses.append(loss)
 
@@ -167,8 +187,11 @@ def run_row(base: Path, work: Path, case, precision: str, attention: str, steps:
     try:
         train(cfg, reporter)
         if cuda:
-            row.peak_allocated_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             row.peak_reserved_gb = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            reporter._enter("end")
+            phase, peak = max(reporter.peaks.items(), key=lambda kv: kv[1])
+            row.peak_allocated_gb, row.peak_phase = round(peak / 2**30, 2), phase
+            row.train_peak_gb = round(reporter.peaks.get("training", float("nan")) / 2**30, 2)
         timed = reporter.times[3:] if len(reporter.times) > 4 else reporter.times
         if len(timed) > 1:
             row.it_per_s = round((len(timed) - 1) / (timed[-1] - timed[0]), 2)
@@ -195,13 +218,14 @@ def _fmt(value) -> str:
 
 
 def print_table(rows: List[Row]) -> None:
-    head = ["case", "precision", "attention", "optimizer", "it/s", "peak alloc GB", "peak reserved GB", "estimate GB",
-            "est/meas", "loss finite", "reload+generate", "s", "error"]
+    head = ["case", "precision", "attention", "optimizer", "it/s", "peak alloc GB", "in", "train peak GB",
+            "peak reserved GB", "estimate GB", "est train GB", "est/train", "loss finite", "reload+generate", "s", "error"]
     lines = [head]
     for r in rows:
-        ratio = r.estimate_gb / r.peak_allocated_gb if r.peak_allocated_gb == r.peak_allocated_gb and r.peak_allocated_gb else float("nan")
+        ratio = r.estimate_train_gb / r.train_peak_gb if r.train_peak_gb == r.train_peak_gb and r.train_peak_gb else float("nan")
         lines.append([r.case, r.precision, r.attention, r.optimizer, _fmt(r.it_per_s), _fmt(r.peak_allocated_gb),
-                      _fmt(r.peak_reserved_gb), _fmt(r.estimate_gb), _fmt(round(ratio, 2)), _fmt(r.loss_finite),
+                      r.peak_phase or "-", _fmt(r.train_peak_gb),
+                      _fmt(r.peak_reserved_gb), _fmt(r.estimate_gb), _fmt(r.estimate_train_gb), _fmt(round(ratio, 2)), _fmt(r.loss_finite),
                       _fmt(r.reloads_and_generates), _fmt(r.seconds), r.error])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     for line in lines:

@@ -15,10 +15,18 @@ def image_latents(bundle, paths: Sequence[Path], resolution: int) -> torch.Tenso
     from dreambooth_ext.train.buckets import square_crop, to_tensor
     from dreambooth_ext.train.images import load_image
 
-    pixels = torch.stack([to_tensor(square_crop(load_image(p), resolution)) for p in paths])
+    return _encoded(bundle, (to_tensor(square_crop(load_image(p), resolution)) for p in paths))
+
+
+def _encoded(bundle, pixels) -> torch.Tensor:
+    """Scaled latent means of [C, H, W] pixel tensors, one picture at a time through the VAE.
+
+    One at a time because the VAE's full-resolution activations grow with the batch: a user's 30
+    instance images at 1024 px encoded together would need tens of GB of GPU memory."""
     vae = bundle.vae
     param = next(vae.parameters())
-    return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mean.float().cpu() * bundle.vae_scale
+    out = [vae.encode(x[None].to(param.device, param.dtype)).latent_dist.mean.float().cpu() for x in pixels]
+    return torch.cat(out) * bundle.vae_scale
 
 
 @torch.no_grad()
@@ -51,9 +59,12 @@ def decoded_images(bundle, latents: torch.Tensor):
 
     vae = bundle.vae
     param = next(vae.parameters())
-    pixels = vae.decode(latents.to(param.device, param.dtype) / bundle.vae_scale).sample
-    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(p) for p in pixels]
+    pictures = []
+    for one in latents.split(1):  # one at a time, as _encoded
+        pixels = vae.decode(one.to(param.device, param.dtype) / bundle.vae_scale).sample
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        pictures.append(Image.fromarray(pixels[0]))
+    return pictures
 
 
 def mean_nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> float:
@@ -67,10 +78,7 @@ def pixel_latents(bundle, images) -> torch.Tensor:
     """Scaled latent means of PIL images already at the wanted size (e.g. a pipeline's own output)."""
     from dreambooth_ext.train.buckets import to_tensor
 
-    vae = bundle.vae
-    param = next(vae.parameters())
-    pixels = torch.stack([to_tensor(img.convert("RGB")) for img in images])
-    return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mean.float().cpu() * bundle.vae_scale
+    return _encoded(bundle, (to_tensor(img.convert("RGB")) for img in images))
 
 
 def paired_distance(samples: torch.Tensor, references: torch.Tensor) -> float:

@@ -42,7 +42,10 @@ def test_gpu_sd15_lora_bf16_fits_its_estimate(tmp_path):
                               "--work", str(tmp_path)])
     row = rows[0]
     assert row.error == "" and row.loss_finite and row.reloads_and_generates is True
-    assert math.isfinite(row.peak_allocated_gb) and row.peak_allocated_gb <= 4.0
+    # the training steps within the estimate's stated error (measured on an H200: 3.91 GB against 3.36)
+    from dreambooth_ext.train.memory import EXPECTED_ERROR
+
+    assert math.isfinite(row.train_peak_gb) and row.train_peak_gb <= row.estimate_train_gb * (1 + EXPECTED_ERROR)
 
 
 @pytest.mark.gpu

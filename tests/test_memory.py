@@ -119,3 +119,30 @@ def test_the_tabs_estimate_counts_prior_preservation_as_the_configs_does():
         cfg = TrainConfig(train_mode="lora", concepts=[Concept(class_prompt="a dog", num_class_images=count)])
         note = form_memory_note({**form, "concept1.num_class_images": count}, "", None)
         assert f"~{estimate_for_config(cfg).total_gb:.1f} GB" in note, (count, note)
+
+
+def test_the_vae_sees_one_picture_per_call_in_a_whole_run(tiny_checkpoints, tmp_path, monkeypatch):
+    """Latent caching, the monitor, class images and samples all go through the VAE one picture at a
+    time: its full-resolution activations grow with the call, and the estimate allows for one picture
+    (on a GPU, a monitor that encoded 6 pictures at 1024 px at once more than doubled an SDXL LoRA run's peak)."""
+    from diffusers import AutoencoderKL
+
+    from dreambooth_ext.train.run import train
+    from tests.recording import RecordingReporter
+    from tests.trainer_helpers import small_config
+
+    checkpoint = tiny_checkpoints("sd1")  # built before the watch: making it encodes a batch
+    calls = []
+    for name in ("encode", "decode"):
+        real = getattr(AutoencoderKL, name)
+
+        def watched(self, x, *args, real=real, name=name, **kwargs):
+            calls.append((name, x.shape[0]))
+            return real(self, x, *args, **kwargs)
+
+        monkeypatch.setattr(AutoencoderKL, name, watched)
+    cfg = small_config(tmp_path, checkpoint, num_class_images=3, class_image_batch_size=3,
+                       max_steps=2, sample_every=2, sample_steps=2, num_sample_images=2)
+    assert train(cfg, RecordingReporter()).status == "finished"
+    assert {n for n, _ in calls} == {"encode", "decode"}
+    assert all(batch == 1 for _, batch in calls), sorted(set(calls))

@@ -125,9 +125,12 @@ class LatentSource:
     """Latent distributions (mean, std) of examples: cached once (in memory, and on disk when given a
     DiskCache), or encoded on demand."""
 
-    # images per VAE call while caching: a GPU gains from larger calls; on a CPU they only cost memory
-    # bandwidth (measured 0.87 s an image one at a time, 1.07 s four at a time, mid-size VAE, one thread)
-    batch_size: Optional[int] = None  # None: 4 on CUDA, 1 elsewhere
+    # Images per VAE call while caching: one. The VAE's full-resolution activations grow with the call
+    # (on an H200, the training monitor's start, which encoded 6 pictures at 1024 px in one call,
+    # peaked at 15.8 GB in an SDXL LoRA run whose steps peaked at 6.5 GB), while the memory estimate
+    # allows for one picture. On a CPU larger calls only cost memory bandwidth (0.87 s an image one at
+    # a time, 1.07 s four at a time).
+    batch_size: int = 1
 
     def __init__(self, vae, cfg, cache: bool, disk=None):
         self.vae, self.cfg, self.cache, self.disk = vae, cfg, cache, disk
@@ -159,9 +162,8 @@ class LatentSource:
         for item in todo:
             by_bucket.setdefault(tuple(item[0].bucket), []).append(item)
         done = len(views) - len(todo)
-        size = self.batch_size or (4 if next(self.vae.parameters()).is_cuda else 1)
         for items in by_bucket.values():
-            for batch in chunks(items, size):
+            for batch in chunks(items, self.batch_size):
                 mean, std = self._encode(torch.stack([pixels(ex, v, self.cfg) for ex, v, _ in batch]))
                 for (ex, v, name), m, s in zip(batch, mean, std):
                     self._store[(str(ex.path), v.flip)] = (m.clone(), s.clone())
