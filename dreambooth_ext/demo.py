@@ -33,8 +33,12 @@ TRAIN = dict(max_steps=800, learning_rate=5e-4)
 def demo_config(models: Path, base: Path):
     from dreambooth_ext.train.config import Concept, TrainConfig
 
+    from dreambooth_ext.tiny_base import short_hash
+
     concept = Concept(instance_dir=str(DEMO_IMAGES), instance_prompt=TOKEN_PROMPT, class_prompt=CLASS_PROMPT,
                       num_class_images=12)
+    # class images belong to the base that drew them: a rebuilt base gets a folder of its own
+    concept.class_dir = str(models / "dreambooth" / "sks_pixarstyle-demo" / f"class_images-{short_hash(base)}")
     # about 2 minutes on 2 cores: 800 steps, 12 class images and the grid's 36 pictures at 64 px
     return TrainConfig(checkpoint=str(base), name="sks_pixarstyle-demo", models_dir=str(models), concepts=[concept],
                        resolution=RESOLUTION, bucketing=False, **TRAIN,
@@ -55,7 +59,7 @@ def _one_thread_unless_told() -> None:
 
 def run_demo(out: Path, models: Path = Path("models")) -> int:
     from dreambooth_ext.plot import loss_plot
-    from dreambooth_ext.tiny_base import NAME, install
+    from dreambooth_ext.tiny_base import NAME, install, is_current
     from dreambooth_ext.train.reporter import ConsoleReporter
     from dreambooth_ext.train.run import train
 
@@ -64,7 +68,7 @@ def run_demo(out: Path, models: Path = Path("models")) -> int:
     _one_thread_unless_told()
     t0 = time.time()
     base = models / "Stable-diffusion" / f"{NAME}.safetensors"
-    if not base.is_file():
+    if not is_current(base):  # missing, or an earlier build of the base
         install(base)
     print(f"base model: {base} (tiny SD1 trained on drawn shapes and characters, with "
           f"{base.with_suffix('.yaml').name} beside it)")

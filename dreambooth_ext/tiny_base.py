@@ -31,6 +31,22 @@ def drawn_family() -> dict:
     return fam
 
 
+def is_current(dest: Path) -> bool:
+    """Whether `dest` holds the shipped base as this version ships it (a checkout that ran the demo
+    before an update holds the earlier build, and would go on training from it)."""
+    import filecmp
+
+    dest = Path(dest)
+    return dest.is_file() and dest.with_suffix(".yaml").is_file() and filecmp.cmp(dest, SHIPPED, shallow=False)
+
+
+def short_hash(path: Path = SHIPPED) -> str:
+    """8 hex digits of a file's SHA-256 (the shipped base's names the demo's class-image folder)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
+
+
 def install(dest: Path, source: Path = None) -> Path:
     """Copy the shipped base (or a build at `source`) to `dest` (a .safetensors path) with its yaml and
     CLIP folder; returns dest."""
