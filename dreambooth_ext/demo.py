@@ -31,9 +31,8 @@ TRAIN = dict(max_steps=800, learning_rate=5e-4)
 
 
 def demo_config(models: Path, base: Path):
-    from dreambooth_ext.train.config import Concept, TrainConfig
-
     from dreambooth_ext.tiny_base import short_hash
+    from dreambooth_ext.train.config import Concept, TrainConfig
 
     concept = Concept(instance_dir=str(DEMO_IMAGES), instance_prompt=TOKEN_PROMPT, class_prompt=CLASS_PROMPT,
                       num_class_images=12)
