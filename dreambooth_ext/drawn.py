@@ -85,3 +85,26 @@ def draw(caption: str, seed: int) -> Image.Image:
 
 def pictures(caption: str, seeds: Sequence[int]) -> List[Image.Image]:
     return [draw(caption, s) for s in seeds]
+
+
+REFERENCE_SEEDS = range(30_000, 30_008)  # seeds the builder did not train on
+
+
+def _small(img: Image.Image):
+    import numpy as np
+
+    # 16x16 box averages: shapes and colours, not the VAE's blur (the builder's confusion table compares so too)
+    return np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).reduce(4), dtype=np.float32).ravel()
+
+
+def nearest_labels(images: Sequence[Image.Image], extra: Dict[str, Sequence[Image.Image]] = None) -> List[str]:
+    """For each picture, the label of the nearest reference: a caption, for drawn pictures of every caption
+    at REFERENCE_SEEDS, or a key of `extra` (say the instance pictures of a new concept)."""
+    import numpy as np
+
+    labels, refs = [], []
+    for label, group in [(c, pictures(c, REFERENCE_SEEDS)) for c in CAPTIONS] + list((extra or {}).items()):
+        labels += [label] * len(group)
+        refs += [_small(img) for img in group]
+    refs = np.stack(refs)
+    return [labels[int(((refs - _small(img)) ** 2).sum(axis=1).argmin())] for img in images]

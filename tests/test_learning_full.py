@@ -5,8 +5,10 @@ knows pictures by a prompt: the denoising loss at fixed timesteps and noise (dre
 trained / base, for the instance pictures under the token prompt, the base's own drawn pictures
 under "a character" (the class) and under "a red circle" (an unrelated caption).
 Figures measured with training seeds 7, 8, 9 are in the comments; thresholds keep a margin.
-The tiny base reads its prompt weakly, so what one prompt learns leaks into the others: unrelated
-captions drift (x1.6-1.8), and that drift is bounded here rather than claimed small.
+The base knows its own drawn pictures well (a low loss to start from), so what one prompt learns
+shows as a large ratio on the others: the unrelated caption's loss doubles (x1.9-2.0) even with
+prior preservation, which holds only the class; the demo's grid shows what that looks like (the
+red circle stays a red circle, on the instances' coloured backgrounds).
 """
 
 import pytest
@@ -31,13 +33,13 @@ def with_prior(world):
 
 
 def test_token_is_learned_and_unrelated_captions_drift_a_bounded_amount(with_prior):
-    assert with_prior[L.TOKEN] < 0.5  # measured 0.34-0.35: the instances are learned under the token
-    assert with_prior[L.UNRELATED] < 2.2  # measured 1.65-1.76
+    assert with_prior[L.TOKEN] < 0.45  # measured 0.30-0.31: the instances are learned under the token
+    assert with_prior[L.UNRELATED] < 2.4  # measured 1.87-2.02
 
 
 def test_prior_preservation_holds_the_class_where_lambda_0_lets_it_go(world, with_prior):
     without = ratios(world, "lambda0", prior_loss_weight=0.0)
-    assert without[L.TOKEN] < 0.5  # measured 0.31-0.32
-    # measured: the class loss rises x1.29-1.48 with lambda 1, x1.97-2.15 with lambda 0 (ratio >= 1.35)
-    assert with_prior[L.CLASS] < 1.6
-    assert without[L.CLASS] > 1.25 * with_prior[L.CLASS]
+    assert without[L.TOKEN] < 0.45  # measured 0.26-0.27
+    # measured: the class loss rises x1.35-1.54 with lambda 1, x2.42-2.52 with lambda 0 (ratio 1.61-1.87)
+    assert with_prior[L.CLASS] < 1.8
+    assert without[L.CLASS] > 1.35 * with_prior[L.CLASS]
