@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(run=_train)
 
     demo = sub.add_parser("demo", help="run the built-in demo on a tiny model (CPU, no downloads)")
-    demo.add_argument("--out", default="out/demo", help="where the demo writes its grid and loss plot")
+    demo.add_argument("--out", default="out/demo", help="where the demo writes its grid, loss plot and figures.json")
     demo.add_argument("--models-dir", default="models", help="the models folder the checkpoint goes to")
     demo.set_defaults(run=_demo)
 
