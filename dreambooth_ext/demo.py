@@ -142,7 +142,8 @@ def before_after(cfg, trained: Path, path: Path):
             rows.append((f"{label}: {prompt}", pictures[label, prompt]))
     figures = {"to_instances": {}, "drift": {}, "looks_like": {}}
     for prompt in (TOKEN_PROMPT, CLASS_PROMPT, UNRELATED_PROMPT):
-        figures["looks_like"][prompt] = tuple(nearest_labels(pictures[k, prompt], {INSTANCE_LABEL: instances}) for k in ("base", "trained"))
+        figures["looks_like"][prompt] = tuple(nearest_labels(pictures[k, prompt], {INSTANCE_LABEL: instances})
+                                              for k in ("base", "trained"))
         figures["to_instances"][prompt] = tuple(mean_nearest_distance(latents[k, prompt], references)
                                                 for k in ("base", "trained"))
         figures["drift"][prompt] = paired_distance(latents["trained", prompt], latents["base", prompt])

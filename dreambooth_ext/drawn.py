@@ -7,6 +7,7 @@ character (orange head, teal eyes, purple sweater, blue background) is none of t
 """
 
 import random
+from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
@@ -97,14 +98,23 @@ def _small(img: Image.Image):
     return np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).reduce(4), dtype=np.float32).ravel()
 
 
+@lru_cache(maxsize=1)
+def _caption_references():
+    """(labels, 16x16 pictures) of every caption at REFERENCE_SEEDS, drawn once per process."""
+    import numpy as np
+
+    labels = tuple(c for c in CAPTIONS for _s in REFERENCE_SEEDS)
+    return labels, np.stack([_small(draw(c, s)) for c in CAPTIONS for s in REFERENCE_SEEDS])
+
+
 def nearest_labels(images: Sequence[Image.Image], extra: Dict[str, Sequence[Image.Image]] = None) -> List[str]:
     """For each picture, the label of the nearest reference: a caption, for drawn pictures of every caption
     at REFERENCE_SEEDS, or a key of `extra` (say the instance pictures of a new concept)."""
     import numpy as np
 
-    labels, refs = [], []
-    for label, group in [(c, pictures(c, REFERENCE_SEEDS)) for c in CAPTIONS] + list((extra or {}).items()):
+    labels, refs = list(_caption_references()[0]), [_caption_references()[1]]
+    for label, group in (extra or {}).items():
         labels += [label] * len(group)
-        refs += [_small(img) for img in group]
-    refs = np.stack(refs)
+        refs.append(np.stack([_small(img) for img in group]))
+    refs = np.concatenate(refs)
     return [labels[int(((refs - _small(img)) ** 2).sum(axis=1).argmin())] for img in images]
