@@ -30,6 +30,8 @@ GUIDANCE = 3.0
 # same with more drift; 800 steps of 5e-4, the settings of an earlier base, smear everything into red).
 TRAIN = dict(max_steps=400, learning_rate=1e-4)
 INSTANCE_LABEL = "the sks_pixarstyle character"
+FIGURES = "figures.json"
+FIGURE_KEYS = {"to_instances", "drift", "looks_like"}
 
 
 def demo_config(models: Path, base: Path):
@@ -59,12 +61,14 @@ def _one_thread_unless_told() -> None:
 
 
 def run_demo(out: Path, models: Path = Path("models")) -> int:
+    from dreambooth_ext.atomic import write_text
     from dreambooth_ext.plot import loss_plot
     from dreambooth_ext.tiny_base import NAME, install, is_current
     from dreambooth_ext.train.reporter import ConsoleReporter
     from dreambooth_ext.train.run import train
 
     out, models = Path(out), Path(models)
+    _check_figures_file(out / FIGURES)  # before any work: a refusal leaves nothing half done
     out.mkdir(parents=True, exist_ok=True)
     _one_thread_unless_told()
     t0 = time.time()
@@ -98,12 +102,27 @@ def run_demo(out: Path, models: Path = Path("models")) -> int:
           "caption the base learned, compared at 16x16 pixels):")
     for prompt, (before, after) in figures["looks_like"].items():
         print(f"  '{prompt}': base {_counts(before)}; trained {_counts(after)}")
-    (out / "figures.json").write_text(json.dumps(figures, indent=1))
+    write_text(out / FIGURES, json.dumps(figures, indent=1), what="the demo's figures")
     if result.best_step is not None:
         print(f"monitor's best step: {result.best_step} (figures in {cfg.workspace_path() / 'monitor.json'})")
     print(f"loss plot: {out / 'loss.png'}")
     print(f"samples during training, class images and resumable state: {cfg.workspace_path()}")
     return 0
+
+
+def _check_figures_file(path: Path) -> None:
+    """Refuse to replace a figures.json in the output folder that an earlier demo did not write."""
+    from dreambooth_ext.errors import UserError
+
+    if not path.exists():
+        return
+    try:
+        ours = set(json.loads(path.read_text(encoding="utf-8"))) == FIGURE_KEYS
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise UserError(f"{path} is not a file the demo wrote, and the demo would replace it; "
+                        "choose another --out folder.")
 
 
 def before_after(cfg, trained: Path, path: Path):

@@ -112,7 +112,8 @@ def nearest_labels(images: Sequence[Image.Image], extra: Dict[str, Sequence[Imag
     at REFERENCE_SEEDS, or a key of `extra` (say the instance pictures of a new concept)."""
     import numpy as np
 
-    labels, refs = list(_caption_references()[0]), [_caption_references()[1]]
+    caption_labels, caption_refs = _caption_references()
+    labels, refs = list(caption_labels), [caption_refs]
     for label, group in (extra or {}).items():
         labels += [label] * len(group)
         refs.append(np.stack([_small(img) for img in group]))

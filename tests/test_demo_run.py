@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dreambooth_ext import demo, drawn
+from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.images import list_images, load_image
 
 CHARACTERS = set(drawn.HAT_CAPTIONS) | {drawn.CLASS_CAPTION}
@@ -52,3 +53,20 @@ def test_the_demo_shows_the_token_learned_and_the_class_kept(tmp_path):
     assert sum(label in CHARACTERS for label in trained) >= 4  # measured 5 of 6: prior preservation
     assert (tmp_path / "out" / "before_after.png").is_file()
     assert (tmp_path / "models" / "Stable-diffusion" / f"sks_pixarstyle-demo_{demo.TRAIN['max_steps']}.safetensors").is_file()
+
+
+@pytest.mark.parametrize("text", ['{"my": "notes"}', "not json at all", "[1, 2]"])
+def test_the_demo_does_not_replace_a_figures_file_it_did_not_write(tmp_path, text):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / demo.FIGURES).write_text(text)
+    with pytest.raises(UserError, match="not a file the demo wrote"):
+        demo.run_demo(out, tmp_path / "models")
+    assert (out / demo.FIGURES).read_text() == text
+    assert not (tmp_path / "models").exists()  # refused before any work
+
+
+def test_an_earlier_demos_figures_file_may_be_replaced(tmp_path):
+    path = tmp_path / demo.FIGURES
+    path.write_text(json.dumps({key: {} for key in demo.FIGURE_KEYS}))
+    demo._check_figures_file(path)  # no refusal: the demo wrote it
