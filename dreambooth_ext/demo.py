@@ -32,6 +32,9 @@ TRAIN = dict(max_steps=400, learning_rate=1e-4)
 INSTANCE_LABEL = "the sks_pixarstyle character"
 FIGURES = "figures.json"
 FIGURE_KEYS = {"to_instances", "drift", "looks_like"}
+GRID, LOSS_PLOT = "before_after.png", "loss.png"
+# A PNG text chunk the demo puts in its pictures: a picture in --out without it is not the demo's to replace.
+MARK = "dreambooth_ext_demo"
 
 
 def demo_config(models: Path, base: Path):
@@ -68,7 +71,7 @@ def run_demo(out: Path, models: Path = Path("models")) -> int:
     from dreambooth_ext.train.run import train
 
     out, models = Path(out), Path(models)
-    _check_figures_file(out / FIGURES)  # before any work: a refusal leaves nothing half done
+    check_outputs(out)  # before any work: a refusal leaves nothing half done
     out.mkdir(parents=True, exist_ok=True)
     _one_thread_unless_told()
     t0 = time.time()
@@ -86,8 +89,9 @@ def run_demo(out: Path, models: Path = Path("models")) -> int:
     if result.status != "finished":
         print(f"stopped at step {result.step}; run `./run.sh demo` again to resume")
         return 3
-    grid, figures = before_after(cfg, Path(result.outputs[0]), out / "before_after.png")
-    loss_plot(result.losses).save(out / "loss.png")
+    check_outputs(out)  # again: the folder may have changed while it trained
+    grid, figures = before_after(cfg, Path(result.outputs[0]), out / GRID)
+    save_marked_png(loss_plot(result.losses), out / LOSS_PLOT)
     print(f"\ntrained {result.step} steps; whole demo {time.time() - t0:.0f} s")
     print(f"checkpoint for the WebUI: {result.outputs[0]}")
     print(f"before/after grid (seeds {SEEDS}): {grid}")
@@ -105,24 +109,50 @@ def run_demo(out: Path, models: Path = Path("models")) -> int:
     write_text(out / FIGURES, json.dumps(figures, indent=1), what="the demo's figures")
     if result.best_step is not None:
         print(f"monitor's best step: {result.best_step} (figures in {cfg.workspace_path() / 'monitor.json'})")
-    print(f"loss plot: {out / 'loss.png'}")
+    print(f"loss plot: {out / LOSS_PLOT}")
     print(f"samples during training, class images and resumable state: {cfg.workspace_path()}")
     return 0
 
 
-def _check_figures_file(path: Path) -> None:
-    """Refuse to replace a figures.json in the output folder that an earlier demo did not write."""
+def check_outputs(out: Path) -> None:
+    """Refuse to run when --out holds a file the demo would replace and did not write: a figures.json
+    without the demo's keys, or a grid or loss plot without the demo's mark (a user's picture, or one
+    from a demo before the mark existed)."""
     from dreambooth_ext.errors import UserError
 
-    if not path.exists():
-        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose a folder for the demo's pictures and figures.")
+    foreign = [p for p in (out / FIGURES, out / GRID, out / LOSS_PLOT) if p.exists() and not _is_ours(p)]
+    if foreign:
+        names = ", ".join(p.name for p in foreign)
+        raise UserError(f"{out} holds {names}, which the demo did not write and would replace; choose another "
+                        "--out folder (or, if an earlier version of the demo wrote them, delete them).")
+
+
+def _is_ours(path: Path) -> bool:
     try:
-        ours = set(json.loads(path.read_text(encoding="utf-8"))) == FIGURE_KEYS
-    except (OSError, ValueError, TypeError):
-        ours = False
-    if not ours:
-        raise UserError(f"{path} is not a file the demo wrote, and the demo would replace it; "
-                        "choose another --out folder.")
+        if path.suffix == ".json":
+            return set(json.loads(path.read_text(encoding="utf-8"))) == FIGURE_KEYS
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.format == "PNG" and getattr(img, "text", {}).get(MARK) == path.name
+    except Exception:  # unreadable, not JSON, not a picture: not the demo's
+        return False
+
+
+def save_marked_png(image, path: Path) -> Path:
+    """Write a demo picture atomically, marked as the demo's so the next run may replace it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from dreambooth_ext.atomic import atomic_path
+
+    info = PngInfo()
+    info.add_text(MARK, path.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, "the demo's picture") as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return path
 
 
 def before_after(cfg, trained: Path, path: Path):
@@ -200,9 +230,7 @@ def labelled_grid(rows, path: Path, zoom: int = 2) -> Path:
             draw.text((6, y + cell // 2 - 12 + 12 * line), text, fill=(20, 20, 20), font=font)
         for c, img in enumerate(images):
             grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * (cell + gap), y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return save_marked_png(grid, path)
 
 
 def _wrap(text: str, width: int):

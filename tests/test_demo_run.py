@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from dreambooth_ext import demo, drawn
 from dreambooth_ext.errors import UserError
@@ -51,22 +52,45 @@ def test_the_demo_shows_the_token_learned_and_the_class_kept(tmp_path):
     base, trained = figures["looks_like"][demo.CLASS_PROMPT]
     assert all(label in CHARACTERS for label in base)
     assert sum(label in CHARACTERS for label in trained) >= 4  # measured 5 of 6: prior preservation
-    assert (tmp_path / "out" / "before_after.png").is_file()
+    for name in (demo.GRID, demo.LOSS_PLOT):
+        demo.check_outputs(tmp_path / "out")  # marked as the demo's: a second run may replace them
+        assert Image.open(tmp_path / "out" / name).text[demo.MARK] == name
     assert (tmp_path / "models" / "Stable-diffusion" / f"sks_pixarstyle-demo_{demo.TRAIN['max_steps']}.safetensors").is_file()
 
 
-@pytest.mark.parametrize("text", ['{"my": "notes"}', "not json at all", "[1, 2]"])
-def test_the_demo_does_not_replace_a_figures_file_it_did_not_write(tmp_path, text):
+@pytest.mark.parametrize("name,content", [
+    (demo.FIGURES, b'{"my": "notes"}'), (demo.FIGURES, b"not json at all"), (demo.FIGURES, b"[1, 2]"),
+    (demo.GRID, None), (demo.LOSS_PLOT, None), (demo.GRID, b"not a picture"),
+])
+def test_the_demo_does_not_replace_a_file_it_did_not_write(tmp_path, name, content):
     out = tmp_path / "out"
     out.mkdir()
-    (out / demo.FIGURES).write_text(text)
-    with pytest.raises(UserError, match="not a file the demo wrote"):
+    if content is None:  # a user's own picture under the demo's file name
+        Image.new("RGB", (8, 8), "red").save(out / name)
+        content = (out / name).read_bytes()
+    else:
+        (out / name).write_bytes(content)
+    with pytest.raises(UserError, match=f"holds {name}, which the demo did not write"):
         demo.run_demo(out, tmp_path / "models")
-    assert (out / demo.FIGURES).read_text() == text
+    assert (out / name).read_bytes() == content
+    assert sorted(p.name for p in out.iterdir()) == [name]
     assert not (tmp_path / "models").exists()  # refused before any work
 
 
-def test_an_earlier_demos_figures_file_may_be_replaced(tmp_path):
-    path = tmp_path / demo.FIGURES
-    path.write_text(json.dumps({key: {} for key in demo.FIGURE_KEYS}))
-    demo._check_figures_file(path)  # no refusal: the demo wrote it
+def test_an_out_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        demo.run_demo(tmp_path / "out", tmp_path / "models")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_an_earlier_demos_files_may_be_replaced(tmp_path):
+    (tmp_path / demo.FIGURES).write_text(json.dumps({key: {} for key in demo.FIGURE_KEYS}))
+    demo.save_marked_png(Image.new("RGB", (8, 8)), tmp_path / demo.GRID)
+    demo.save_marked_png(Image.new("RGB", (8, 8)), tmp_path / demo.LOSS_PLOT)
+    demo.check_outputs(tmp_path)  # no refusal: the demo wrote them
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([demo.FIGURES, demo.GRID, demo.LOSS_PLOT])
+    # the mark names the file: a grid copied over the loss plot is not taken for it
+    (tmp_path / demo.LOSS_PLOT).write_bytes((tmp_path / demo.GRID).read_bytes())
+    with pytest.raises(UserError, match=f"holds {demo.LOSS_PLOT},"):
+        demo.check_outputs(tmp_path)
