@@ -110,6 +110,14 @@ def write_text(path: Union[str, os.PathLike], text: str, what: str = "") -> Path
     return path
 
 
+def write_png(path: Union[str, os.PathLike], image, pnginfo=None, what: str = "") -> Path:
+    """Replace the file at `path` with a PIL `image` as PNG (with `pnginfo`'s text chunks), atomically."""
+    path = Path(path)
+    with atomic_path(path, what) as tmp:
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
+    return path
+
+
 def create_new(path: Union[str, os.PathLike], text: str, what: str = "") -> bool:
     """Create `path` holding `text` (UTF-8) only if nothing is there; False when something is.
 

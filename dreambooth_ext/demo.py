@@ -137,7 +137,7 @@ def _is_ours(path: Path) -> bool:
 
         with Image.open(path) as img:
             return img.format == "PNG" and getattr(img, "text", {}).get(MARK) == path.name
-    except Exception:  # unreadable, not JSON, not a picture: not the demo's
+    except (OSError, ValueError, TypeError, SyntaxError):  # unreadable, not JSON, not a picture: not the demo's
         return False
 
 
@@ -145,14 +145,11 @@ def save_marked_png(image, path: Path) -> Path:
     """Write a demo picture atomically, marked as the demo's so the next run may replace it."""
     from PIL.PngImagePlugin import PngInfo
 
-    from dreambooth_ext.atomic import atomic_path
+    from dreambooth_ext.atomic import write_png
 
     info = PngInfo()
     info.add_text(MARK, path.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, "the demo's picture") as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return path
+    return write_png(path, image, info, "the demo's picture")
 
 
 def before_after(cfg, trained: Path, path: Path):

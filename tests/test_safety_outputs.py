@@ -308,18 +308,22 @@ def test_samples_that_cannot_be_written_do_not_cost_the_model(tiny_checkpoints, 
 def test_a_read_only_class_folder_reports_the_write_not_the_cleanup(tmp_path, monkeypatch):
     from pathlib import Path
 
+    from PIL import Image
+
     from dreambooth_ext.train import class_images
 
-    def refuse(tmp):
+    def refuse(self, fp, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
 
     def unlink(self, missing_ok=False):
         raise OSError(errno.EROFS, "Read-only file system")
 
+    monkeypatch.setattr(Image.Image, "save", refuse)
     monkeypatch.setattr(Path, "unlink", unlink)
     with pytest.raises(UserError) as e:
-        class_images._write_atomic(tmp_path / "class_00000-abcdef12.png", refuse)
-    assert "class_00000-abcdef12.png cannot be written" in str(e.value) and "read-only" in str(e.value)
+        class_images._save(Image.new("RGB", (8, 8)), tmp_path, "a dog", 0)
+    name = class_images.class_image_name("a dog", 0)
+    assert f"{name} cannot be written" in str(e.value) and "read-only" in str(e.value)
 
 
 def test_a_finished_run_keeps_no_state_unless_its_model_cannot_be_written(tiny_checkpoints, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from dreambooth_ext.atomic import atomic_path
+from dreambooth_ext.atomic import write_png, write_text
 from dreambooth_ext.bridge.temporaries import remove_stale
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.derived import derived_seed, prompt_hash
@@ -121,16 +121,11 @@ def _remove_stale_tmp(folder: Path) -> None:
             pass
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    with atomic_path(path, "the class image") as tmp:
-        write(tmp)
-
-
 def _save(image, folder: Path, prompt: str, index: int) -> Path:
     path = folder / class_image_name(prompt, index)
     # The caption first: an image that exists always has its caption beside it.
-    _write_atomic(path.with_suffix(".txt"), lambda tmp: tmp.write_text(prompt + "\n", encoding="utf-8"))
-    _write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    write_text(path.with_suffix(".txt"), prompt + "\n", what="the class image")
+    write_png(path, image, what="the class image")
     return path
 
 

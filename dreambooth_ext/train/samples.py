@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dreambooth_ext.atomic import atomic_path
+from dreambooth_ext.atomic import write_png
 from dreambooth_ext.train.captions import build_prompt
 from dreambooth_ext.train.inference import AutocastFactory, eval_mode, generate_images, pipeline_modules
 from dreambooth_ext.train.models import ModelBundle, make_pipeline
@@ -63,12 +63,6 @@ def _png_info(prompt: str, seed: int, step: int, *, steps: int, guidance: float,
     return info
 
 
-def _save_png(image: Image.Image, path: Path, pnginfo: Optional[PngInfo] = None) -> Path:
-    with atomic_path(path, "the sample image") as tmp:
-        image.save(tmp, format="PNG", pnginfo=pnginfo)
-    return path
-
-
 def generate_samples(bundle: ModelBundle, unet, text_encoders, prompts: Sequence[str], seeds: Sequence[int], *,
                      steps: int, guidance: float, negative_prompt: str, resolution: int, out_dir, step: int,
                      on_image: Optional[OnImage] = None, autocast: Optional[AutocastFactory] = None,
@@ -94,7 +88,7 @@ def generate_samples(bundle: ModelBundle, unet, text_encoders, prompts: Sequence
                                         width=resolution, generator=generator)[0]
                 info = _png_info(prompt, seed, step, steps=steps, guidance=guidance,
                                  negative_prompt=negative_prompt, resolution=resolution)
-                path = _save_png(image, folder / f"{p_index}-{seed}.png", info)
+                path = write_png(folder / f"{p_index}-{seed}.png", image, info, "the sample image")
                 paths.append(path)
                 if on_image:
                     on_image(path, prompt, seed)
@@ -127,4 +121,4 @@ def save_grid(paths_or_images: Sequence[ImageLike], cols: int, path) -> Path:
     """make_grid written atomically as a PNG at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save_png(make_grid(paths_or_images, cols), path)
+    return write_png(path, make_grid(paths_or_images, cols), what="the sample image")
