@@ -1,17 +1,20 @@
-"""Ours against diffusers' examples/dreambooth/train_dreambooth.py, run the way a user runs each.
+"""Ours against diffusers' examples/dreambooth/train_dreambooth.py (train_dreambooth_lora.py with
+--mode lora), run the way a user runs each.
 
 Ours trains from the single file (`python -m dreambooth_ext train --checkpoint X.safetensors`, its
 conversion included); the peer trains from a diffusers folder of the same weights. Same instance and
 class images, steps, resolution, batch 1, prior preservation on, AdamW in fp32, one thread each,
-interleaved A B A B. Per tool: min/median CPU seconds (user + system of the process), wall seconds,
+interleaved A B A B. With --generate-class both start from an empty class folder and
+draw the class images themselves (50 steps, CFG 7.5, 4 at a time: the peer's defaults). Per tool: min/median CPU seconds (user + system of the process), wall seconds,
 seconds to the first step (wall, when its progress bar first shows step 1) and peak RSS, with ratios.
 
-Then the steady step: ours (CPU ms per step after warm-up, through the trainer's API) against a bare
+Then, for full training, the steady step: ours (CPU ms per step after warm-up, through the trainer's API) against a bare
 UNet forward + backward + fused AdamW loop on latents and embeddings of the same shapes (instance +
 class in one batch, as ours and the peer do).
 
-The peer script is not part of this repository. Get it from diffusers' repository at the tag of the
-installed diffusers (0.31.0): examples/dreambooth/train_dreambooth.py, e.g.
+The peer scripts are not part of this repository. Get them from diffusers' repository at the tag of the
+installed diffusers (0.31.0): examples/dreambooth/train_dreambooth.py, and train_dreambooth_lora.py
+beside it for --mode lora (rank 4 on the attention projections for both), e.g.
     git clone --depth 1 --branch v0.31.0 https://github.com/huggingface/diffusers
 It imports torchvision, and diffusers' training_utils needs a transformers with
 `integrations.deepspeed` (the Forge pins' 4.46 has it, the WebUI's 4.30 does not): run this bench
@@ -25,7 +28,7 @@ with the reason, and the bare loop is the reference.
     .venv-forge/bin/python bench/side_by_side.py --peer diffusers/examples/dreambooth/train_dreambooth.py
 
 Usage: python bench/side_by_side.py [--peer PATH] [--peer-python PY] [--kind tiny|mid] [--steps N]
-       [--repeats 3]
+       [--repeats 3] [--mode full|lora] [--generate-class]
 """
 
 import argparse
@@ -91,7 +94,8 @@ def peer_problem(python: str, peer: str, pythonpath: str = ""):
 
 
 def setup(kind: str, tmp: Path, num_class: int, resolution: int):
-    """A single file, the same weights as a diffusers folder, instance images and ready class images."""
+    """A single file, the same weights as a diffusers folder, instance images and ready class images
+    (num_class 0: an empty class folder)."""
     from PIL import Image
 
     from bench.train_speed import DEMO, mid_family
@@ -101,6 +105,9 @@ def setup(kind: str, tmp: Path, num_class: int, resolution: int):
     models = build_models(fam, 0)
     ck = single_file_from_models(fam, models, tmp / f"{kind}.safetensors")
     folder = save_diffusers(fam, models, tmp / f"{kind}-diffusers")
+    unet_config = folder / "unet" / "config.json"  # the peer draws class images at sample_size x 8 px
+    unet_config.write_text(unet_config.read_text().replace(f'"sample_size": {fam["unet"]["sample_size"]}',
+                                                           f'"sample_size": {resolution // 8}'))
     from safetensors.torch import load_file, save_file
 
     te = folder / "text_encoder" / "model.safetensors"  # transformers' from_pretrained wants its format tag
@@ -116,23 +123,35 @@ def setup(kind: str, tmp: Path, num_class: int, resolution: int):
     return ck, folder, instance, klass
 
 
-def ours_cmd(ck, instance, klass, work, steps, res, num_class):
+GENERATION = {"steps": 50, "guidance": 7.5, "batch": 4}  # the peer's pipeline defaults and --sample_batch_size
+LORA_RANK = 4  # the peer's default --rank; its adapters sit on the attention projections
+
+
+def ours_cmd(ck, instance, klass, work, steps, res, num_class, mode="full"):
+    extra = ["--class-image-steps", str(GENERATION["steps"]), "--class-image-guidance", str(GENERATION["guidance"]),
+             "--class-image-batch-size", str(GENERATION["batch"])]
+    if mode == "lora":
+        extra += ["--train-mode", "lora", "--lora-rank", str(LORA_RANK), "--lora-targets", "attention",
+                  "--lora-learning-rate", "5e-6"]
     return [sys.executable, "-m", "dreambooth_ext", "train", "--checkpoint", str(ck), "--name", "side",
             "--models-dir", str(work), "--instance-dir", str(instance), "--instance-prompt", INSTANCE_PROMPT,
             "--class-prompt", CLASS_PROMPT, "--class-dir", str(klass), "--num-class-images", str(num_class),
             "--prior-loss-weight", "1.0", "--resolution", str(res), "--max-steps", str(steps),
             "--train-batch-size", "1", "--optimizer", "adamw", "--mixed-precision", "no", "--learning-rate", "5e-6",
-            "--lr-scheduler", "constant", "--no-bucketing", "--no-hflip", "--center-crop", "--seed", "1"]
+            "--lr-scheduler", "constant", "--no-bucketing", "--no-hflip", "--center-crop", "--seed", "1", *extra]
 
 
-def peer_cmd(python, peer, folder, instance, klass, work, steps, res, num_class):
+def peer_cmd(python, peer, folder, instance, klass, work, steps, res, num_class, mode="full"):
+    if mode == "lora":
+        peer = str(Path(peer).with_name("train_dreambooth_lora.py"))
+    extra = ["--rank", str(LORA_RANK)] if mode == "lora" else []
     return [python, peer, "--pretrained_model_name_or_path", str(folder), "--instance_data_dir", str(instance),
             "--class_data_dir", str(klass), "--with_prior_preservation", "--prior_loss_weight", "1.0",
             "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT, "--num_class_images",
             str(num_class), "--resolution", str(res), "--train_batch_size", "1", "--max_train_steps", str(steps),
             "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
             "--mixed_precision", "no", "--center_crop", "--seed", "1", "--output_dir", str(work),
-            "--checkpointing_steps", str(10 ** 9)]
+            "--checkpointing_steps", str(10 ** 9), "--sample_batch_size", str(GENERATION["batch"]), *extra]
 
 
 def ours_steady(ck, instance, klass, work, steps, res, num_class):
@@ -166,9 +185,10 @@ print((t.times[-1] - t.times[2]) / (len(t.times) - 3) * 1000)
 
 def bare_steady(folder, steps, res):
     """CPU ms per step of a bare UNet fwd+bwd+AdamW loop, batch 2 (instance + class), in a child:
-    without and with gradient clipping at 1.0 (ours and the peer clip by default)."""
+    without and with gradient clipping at 1.0 (ours and the peer clip by default); and the child's
+    peak RSS in bytes (the UNet alone: no VAE, no text encoder)."""
     code = f"""
-import time, torch, inspect
+import resource, time, torch, inspect
 from diffusers import UNet2DConditionModel
 unet = UNet2DConditionModel.from_pretrained({str(folder)!r}, subfolder="unet")
 unet.train()
@@ -192,7 +212,7 @@ def loop(clip):
         loss.item()
         times.append(time.process_time())
     return (times[-1] - times[2]) / (len(times) - 3) * 1000
-print(loop(False), loop(True))
+print(loop(False), loop(True), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **ONE_THREAD})
     if out.returncode:
@@ -211,6 +231,15 @@ def _row(name, runs):
     return statistics.median(cpu), statistics.median(wall), (statistics.median(first) if first else None), max(rss)
 
 
+def _fresh_class_dir(tmp: Path, ready: Path, name: str, generate: bool) -> Path:
+    """The shared ready-made class folder, or an empty one per run so each run draws its own."""
+    if not generate:
+        return ready
+    folder = tmp / f"class-{name}"
+    folder.mkdir()
+    return folder
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--peer", default="", help="path of diffusers' examples/dreambooth/train_dreambooth.py")
@@ -220,26 +249,34 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="default: 100 tiny, 10 mid")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--class-images", type=int, default=10)
+    parser.add_argument("--mode", choices=["full", "lora"], default="full")
+    parser.add_argument("--generate-class", action="store_true", help="both draw their class images")
     args = parser.parse_args()
     steps = args.steps or (100 if args.kind == "tiny" else 10)
     res = 64 if args.kind == "tiny" else 256
-    problem = peer_problem(args.peer_python, args.peer, args.peer_pythonpath)
-    print(f"{args.kind} SD1 pattern, {res} px, {steps} steps, batch 1 + prior preservation "
-          f"({args.class_images} class images), AdamW fp32, 1 thread each, {args.repeats} interleaved repeats")
+    peer = str(Path(args.peer).with_name("train_dreambooth_lora.py")) if args.mode == "lora" and args.peer else args.peer
+    problem = peer_problem(args.peer_python, peer, args.peer_pythonpath)
+    made = (f"generated by each ({GENERATION['steps']} steps, CFG {GENERATION['guidance']}, {GENERATION['batch']} at a "
+            "time)") if args.generate_class else "ready"
+    what = f"LoRA rank {LORA_RANK} on attention" if args.mode == "lora" else "full"
+    print(f"{args.kind} SD1 pattern, {res} px, {what}, {steps} steps, batch 1 + prior preservation "
+          f"({args.class_images} class images, {made}), AdamW fp32, 1 thread each, {args.repeats} interleaved repeats")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ck, folder, instance, klass = setup(args.kind, tmp, args.class_images, res)
+        ck, folder, instance, klass = setup(args.kind, tmp, 0 if args.generate_class else args.class_images, res)
         runs = {"ours": [], "peer": []}
         for r in range(args.repeats):
             work = tmp / f"ours-{r}"
-            out = run_timed(ours_cmd(ck, instance, klass, work, steps, res, args.class_images),
+            class_dir = _fresh_class_dir(tmp, klass, f"ours-{r}", args.generate_class)
+            out = run_timed(ours_cmd(ck, instance, class_dir, work, steps, res, args.class_images, args.mode),
                             r"training:[^\r\n]*\|\s*1/\d+", cwd=ROOT)
             if out[4]:
                 raise SystemExit(f"ours failed:\n{out[5]}")
             runs["ours"].append(out)
             if problem is None:
-                out = run_timed(peer_cmd(args.peer_python, args.peer, folder, instance, klass, tmp / f"peer-{r}",
-                                         steps, res, args.class_images), r"Steps:[^\r\n]*\|\s*1/\d+",
+                class_dir = _fresh_class_dir(tmp, klass, f"peer-{r}", args.generate_class)
+                out = run_timed(peer_cmd(args.peer_python, args.peer, folder, instance, class_dir, tmp / f"peer-{r}",
+                                         steps, res, args.class_images, args.mode), r"Steps:[^\r\n]*\|\s*1/\d+",
                                 pythonpath=args.peer_pythonpath)
                 if out[4]:
                     raise SystemExit(f"the peer failed:\n{out[5]}")
@@ -255,11 +292,16 @@ def main():
                   f"{first}; peak RSS {ours[3] / peer[3]:.2f}x theirs")
         else:
             print(f"peer not run: {problem}")
+        if args.mode != "full":
+            return
         mine = ours_steady(ck, instance, klass, tmp / "steady", max(steps, 8), res, args.class_images)
-        bare, clipped = bare_steady(folder, max(steps, 8), res)
+        bare, clipped, bare_rss = bare_steady(folder, max(steps, 8), res)
         print(f"steady step (CPU ms): ours {mine:.1f}; bare UNet fwd+bwd+AdamW loop {bare:.1f} "
               f"({clipped:.1f} with clipping at 1.0, as ours and the peer by default): ours runs at "
               f"{bare / mine * 100:.0f}% of the bare loop's speed ({clipped / mine * 100:.0f}% of the clipped one)")
+        peer_share = f", {bare_rss / peer[3]:.2f}x the peer's" if problem is None else ""
+        print(f"peak RSS of the bare loop (the UNet, its gradients and AdamW states, no VAE or text encoder): "
+              f"{bare_rss / 2**20:.0f} MiB{peer_share}; ours {ours[3] / bare_rss:.2f}x it")
 
 
 if __name__ == "__main__":

@@ -207,8 +207,10 @@ def decoded(bundle, latents):
     import torch
     from PIL import Image
 
+    from dreambooth_ext.vae_io import vae_input
+
     with torch.no_grad():
-        pixels = bundle.vae.decode(latents / bundle.vae_scale).sample.clamp(-1, 1)
+        pixels = bundle.vae.decode(vae_input(latents, bundle.vae) / bundle.vae_scale).sample.clamp(-1, 1)
     return [Image.fromarray(((p + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for p in pixels]
 
 

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from dreambooth_ext.vae_io import vae_input
+
 
 @torch.no_grad()
 def image_latents(bundle, paths: Sequence[Path], resolution: int) -> torch.Tensor:
@@ -24,8 +26,7 @@ def _encoded(bundle, pixels) -> torch.Tensor:
     One at a time because the VAE's full-resolution activations grow with the batch: a user's 30
     instance images at 1024 px encoded together would need tens of GB of GPU memory."""
     vae = bundle.vae
-    param = next(vae.parameters())
-    out = [vae.encode(x[None].to(param.device, param.dtype)).latent_dist.mean.float().cpu() for x in pixels]
+    out = [vae.encode(vae_input(x[None], vae)).latent_dist.mean.float().cpu() for x in pixels]
     return torch.cat(out) * bundle.vae_scale
 
 
@@ -58,10 +59,9 @@ def decoded_images(bundle, latents: torch.Tensor):
     from PIL import Image
 
     vae = bundle.vae
-    param = next(vae.parameters())
     pictures = []
     for one in latents.split(1):  # one at a time, as _encoded
-        pixels = vae.decode(one.to(param.device, param.dtype) / bundle.vae_scale).sample
+        pixels = vae.decode(vae_input(one, vae) / bundle.vae_scale).sample
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         pictures.append(Image.fromarray(pixels[0]))
     return pictures

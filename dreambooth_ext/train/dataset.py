@@ -15,6 +15,7 @@ from dreambooth_ext.train import buckets as bk
 from dreambooth_ext.train.captions import prompt_for_image
 from dreambooth_ext.train.derived import derived_seed
 from dreambooth_ext.train.images import check_instance_folder, load_image, scan_folder
+from dreambooth_ext.vae_io import vae_input
 
 
 @dataclass
@@ -138,9 +139,8 @@ class LatentSource:
 
     @torch.no_grad()
     def _encode(self, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        param = next(self.vae.parameters())
-        dist = self.vae.encode(batch.to(param.device, param.dtype)).latent_dist
-        return dist.mean.float().cpu(), dist.std.float().cpu()
+        dist = self.vae.encode(vae_input(batch, self.vae)).latent_dist
+        return dist.mean.float().cpu().contiguous(), dist.std.float().cpu().contiguous()
 
     def precompute(self, views: Sequence[Tuple[Example, View]],
                    progress: Optional[Callable[[int, int], None]] = None):

@@ -13,6 +13,7 @@ from typing import Callable, ContextManager, Iterable, Iterator, List, Optional
 import torch
 
 from dreambooth_ext.bridge.components import text_encoder_name
+from dreambooth_ext.vae_io import vae_input
 
 AutocastFactory = Callable[[], ContextManager]
 
@@ -87,8 +88,7 @@ def with_embeddings(pipe, call: dict, text) -> dict:
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor) -> List:
     vae = pipe.vae
-    param = next(vae.parameters())
-    latents = latents.to(param.device, param.dtype)
+    latents = vae_input(latents, vae)
     config = vae.config
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if mean is not None and std is not None:  # VAEs with per-channel latent statistics
