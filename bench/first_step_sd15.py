@@ -4,7 +4,8 @@ Each case runs in its own child process: the trainer from the single file (built
 folder written), prior preservation on with ready-made class images, batch 1, one step. Prints the
 peak RSS (VmHWM) against the file's size, the peak above the import baseline, and the CPU seconds.
 Beside it, the trainer's own memory estimate (train/memory.py) for the same settings in fp32, which
-is what the tab shows before a run. A mode with "+gc" turns on gradient checkpointing.
+is what the tab shows before a run. A mode with "+gc" turns on gradient checkpointing, "+fused" the
+fused backward pass (e.g. full+fused, full+gc+fused).
 
 Usage: OMP_NUM_THREADS=1 python bench/first_step_sd15.py [--file-dtype fp16|fp32]
        [--modes lora,lora+gc,full] [--resolution 512] [--dir DIR]
@@ -47,11 +48,11 @@ def child(checkpoint: str, mode: str, resolution: int, work: str, instance: str,
 
     concept = Concept(instance_dir=instance, instance_prompt="a photo of sks_pixarstyle character",
                       class_prompt="a photo of a character", class_dir=klass, num_class_images=2)
-    train_mode, _, extra = mode.partition("+")
+    train_mode, *extra = mode.split("+")
     cfg = TrainConfig(checkpoint=checkpoint, name=f"first-{train_mode}", models_dir=work, concepts=[concept],
                       resolution=resolution, max_steps=1, train_mode=train_mode, bucketing=False, hflip=False,
                       center_crop=True, mixed_precision="no", seed=1, save_state_every=0,
-                      gradient_checkpointing=extra == "gc")
+                      gradient_checkpointing="gc" in extra, fused_backward_pass="fused" in extra)
     estimate = estimate_for_config(cfg, "sd1", "no").training_peak
     train(cfg, FirstStep())
     cpu, peak = seen["first"]
@@ -98,7 +99,7 @@ def main():
             above = r["peak"] - r["baseline"]
             print(f"{mode:7}: peak RSS {r['peak'] / 2**30:.2f} GiB = {r['peak'] / size:.2f}x the file "
                   f"({above / size:.2f}x above the {r['baseline'] / 2**30:.2f} GiB of imports); the estimate's "
-                  f"training peak {r['estimate'] / 2**30:.2f} GiB (GPU memory: no VAE or text encoder) against "
+                  f"training peak {r['estimate'] / 2**30:.2f} GiB (as on a GPU: the VAE and frozen text encoder, idle once latents and prompts are cached, not counted) against "
                   f"{above / 2**30:.2f} above imports; "
                   f"first step done at {r['cpu']:.0f} CPU s")
 

@@ -127,8 +127,9 @@ GENERATION = {"steps": 50, "guidance": 7.5, "batch": 4}  # the peer's pipeline d
 LORA_RANK = 4  # the peer's default --rank; its adapters sit on the attention projections
 
 
-def ours_cmd(ck, instance, klass, work, steps, res, num_class, mode="full", class_steps=GENERATION["steps"]):
-    extra = ["--class-image-steps", str(class_steps), "--class-image-guidance", str(GENERATION["guidance"]),
+def ours_cmd(ck, instance, klass, work, steps, res, num_class, mode="full", class_steps=GENERATION["steps"],
+             more=()):
+    extra = [*more, "--class-image-steps", str(class_steps), "--class-image-guidance", str(GENERATION["guidance"]),
              "--class-image-batch-size", str(GENERATION["batch"])]
     if mode == "lora":
         extra += ["--train-mode", "lora", "--lora-rank", str(LORA_RANK), "--lora-targets", "attention",
@@ -253,6 +254,8 @@ def main():
     parser.add_argument("--generate-class", action="store_true", help="both draw their class images")
     parser.add_argument("--our-class-steps", type=int, default=GENERATION["steps"],
                         help="sampling steps of our class images (the peer's are fixed at 50; our default is 30)")
+    parser.add_argument("--ours-arg", action="append", default=[],
+                        help="one more argument of our run, e.g. --ours-arg=--fused-backward-pass (repeatable)")
     args = parser.parse_args()
     steps = args.steps or (100 if args.kind == "tiny" else 10)
     res = 64 if args.kind == "tiny" else 256
@@ -264,7 +267,8 @@ def main():
             "time)") if args.generate_class else "ready"
     what = f"LoRA rank {LORA_RANK} on attention" if args.mode == "lora" else "full"
     print(f"{args.kind} SD1 pattern, {res} px, {what}, {steps} steps, batch 1 + prior preservation "
-          f"({args.class_images} class images, {made}), AdamW fp32, 1 thread each, {args.repeats} interleaved repeats")
+          f"({args.class_images} class images, {made}), AdamW fp32, 1 thread each, {args.repeats} interleaved repeats"
+          + (f"; ours with {' '.join(args.ours_arg)}" if args.ours_arg else ""))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ck, folder, instance, klass = setup(args.kind, tmp, 0 if args.generate_class else args.class_images, res)
@@ -273,7 +277,7 @@ def main():
             work = tmp / f"ours-{r}"
             class_dir = _fresh_class_dir(tmp, klass, f"ours-{r}", args.generate_class)
             out = run_timed(ours_cmd(ck, instance, class_dir, work, steps, res, args.class_images, args.mode,
-                                     args.our_class_steps),
+                                     args.our_class_steps, args.ours_arg),
                             r"training:[^\r\n]*\|\s*1/\d+", cwd=ROOT)
             if out[4]:
                 raise SystemExit(f"ours failed:\n{out[5]}")

@@ -22,7 +22,7 @@ def _gpu_check():
 
 def test_dry_run_trains_samples_saves_and_reloads_every_case(tmp_path, capsys):
     rows = _gpu_check().main(["--dry-run", "--steps", "2", "--work", str(tmp_path), "--json", str(tmp_path / "rows.json")])
-    assert [r.case for r in rows] == ["sd15-full-512", "sd15-lora-512", "sdxl-lora-1024"]
+    assert [r.case for r in rows] == ["sd15-full-512", "sd15-full-512-fused", "sd15-lora-512", "sdxl-lora-1024"]
     for r in rows:
         assert r.error == "" and r.loss_finite and r.reloads_and_generates is True, r
         assert r.estimate_gb > 0
@@ -46,6 +46,20 @@ def test_gpu_sd15_lora_bf16_fits_its_estimate(tmp_path):
     from dreambooth_ext.train.memory import EXPECTED_ERROR
 
     assert math.isfinite(row.train_peak_gb) and row.train_peak_gb <= row.estimate_train_gb * (1 + EXPECTED_ERROR)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fused_backward_pass_fits_its_estimate(tmp_path):
+    rows = _gpu_check().main(["--only", "sd15-full-512-fused", "--precisions", "bf16,fp16", "--steps", "6",
+                              "--work", str(tmp_path)])
+    fused, fp16 = rows
+    assert fused.error == "" and fused.loss_finite and fused.reloads_and_generates is True
+    from dreambooth_ext.train.memory import CHECKPOINTED_ERROR
+
+    # fp32 AdamW with no whole set of gradients: the estimate leaves the gradients out entirely
+    assert math.isfinite(fused.train_peak_gb) and fused.train_peak_gb <= fused.estimate_train_gb * (1 + CHECKPOINTED_ERROR)
+    assert fp16.error.startswith("skipped")
 
 
 @pytest.mark.gpu

@@ -43,6 +43,8 @@ def test_parts_follow_the_settings():
     assert uncached.parts["weights"] > lora.parts["weights"]  # the VAE and the text encoder stay on the GPU
     fp32 = estimate_memory(MemorySettings(family="sd1", mixed_precision="no"))
     assert fp32.parts["activations"] == 2 * lora.parts["activations"]
+    fused = estimate_memory(MemorySettings(family="sd1", train_mode="full", optimizer="adamw", fused_backward=True))
+    assert fused.parts["gradients"] == 0 and fused.total_gb == pytest.approx(full.total_gb - 4 * n / GB)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -308,7 +308,14 @@ def test_recommended_fits_the_memory():
     assert sdxl12["resolution"] == 1024 and sdxl12["train_batch_size"] == 1
     sd1_24 = recommended("sd1", "full", 24)
     assert sd1_24["train_mode"] == "full" and sd1_24["gradient_checkpointing"] is False
-    assert recommended("sd1", "full", 12)["optimizer"] == "adamw8bit"
-    assert recommended("sd1", "full", 12, have_bitsandbytes=False)["optimizer"] == "adafactor"
+    sd1_12 = recommended("sd1", "full", 12)  # fp32 AdamW fits once the gradients are freed as they come
+    assert sd1_12["optimizer"] == "adamw" and sd1_12["fused_backward_pass"] is True
+    assert sd1_12["gradient_accumulation_steps"] == 1
+    assert recommended("sd1", "full", 16)["fused_backward_pass"] is False  # not needed: a global norm to clip
+    assert recommended("sd1", "full", 12, have_bf16=False)["optimizer"] == "adamw8bit"  # fp16 cannot fuse
+    assert recommended("sd1", "full", 12, have_bitsandbytes=False, have_bf16=False)["optimizer"] == "adafactor"
+    sdxl16 = recommended("sdxl", "full", 16)  # a full SDXL fine-tune in 16 GB only with the fused pass
+    assert sdxl16["train_mode"] == "full" and sdxl16["fused_backward_pass"] is True
+    assert recommended("sdxl", "full", 16, have_bf16=False)["train_mode"] == "lora"
     with pytest.raises(UserError, match="family"):
         recommended("flux", "full", 24)

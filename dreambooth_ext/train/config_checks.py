@@ -13,6 +13,7 @@ from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.captions import has_filewords, without_filewords
 from dreambooth_ext.train.config import Concept, FILEWORDS, TrainConfig, type_hints
 from dreambooth_ext.train.config_io import coerce
+from dreambooth_ext.train.fused_backward import refusal as fused_refusal
 
 _NAME_BAD_CHARS = '/\\:*?"<>|'
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
@@ -169,6 +170,11 @@ def validate(cfg: TrainConfig) -> Checked:
     if cfg.init_lora and cfg.train_mode != "lora":
         raise UserError("Setting 'init_lora' needs train_mode 'lora'; to train fully on top of a LoRA, "
                         "merge it into the checkpoint first (save_lora_merged).")
+    if cfg.fused_backward_pass:  # what the settings alone rule out; the run checks the resolved precision
+        why = fused_refusal(accumulation=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+                            optimizer=cfg.optimizer)
+        if why:
+            raise UserError(why)
     notes = []
     for i, concept in enumerate(concepts, 1):
         concepts[i - 1] = _checked_fields(concept, f" of concept {i}")

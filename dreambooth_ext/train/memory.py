@@ -35,8 +35,9 @@ CHECKPOINTED_ERROR = 0.4  # with gradient checkpointing the backward pass's reco
 REST_ERROR = 0.05
 # Settings the estimate depends on: the tab refreshes its line when one of them changes.
 MEMORY_SETTINGS = ("checkpoint", "family", "train_mode", "text_encoder_mode", "optimizer", "mixed_precision",
-                   "resolution", "train_batch_size", "prior_loss_weight", "gradient_checkpointing", "cache_latents",
-                   "cache_text_embeddings", "use_ema", "lora_rank", "lora_targets", "sample_every")
+                   "resolution", "train_batch_size", "prior_loss_weight", "gradient_checkpointing",
+                   "fused_backward_pass", "cache_latents", "cache_text_embeddings", "use_ema", "lora_rank",
+                   "lora_targets", "sample_every")
 MEMORY_CONCEPT_SETTINGS = ("class_prompt", "num_class_images")  # of each concept: prior preservation doubles the batch
 
 GB = 1024**3
@@ -71,6 +72,7 @@ class MemorySettings:
     batch_size: int = 1
     prior_preservation: bool = True
     gradient_checkpointing: bool = False
+    fused_backward: bool = False  # each gradient freed once its weight is updated: no whole set of them
     cache_latents: bool = True
     cache_text_embeddings: bool = True
     use_ema: bool = False
@@ -233,7 +235,7 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
     acts = activation_bytes(config, latent_pixels, batch, checkpointed=s.gradient_checkpointing, half=half)
     if full and half and not s.gradient_checkpointing:
         acts += WEIGHT_COPY_BYTES * n["unet"]
-    parts = {"weights": float(weights), "gradients": 4.0 * trained,
+    parts = {"weights": float(weights), "gradients": 0.0 if s.fused_backward else 4.0 * trained,
              "optimizer": OPTIMIZER_BYTES.get(s.optimizer, 8.0) * trained,
              "ema": 4.0 * trained if s.use_ema else 0.0, "activations": acts}
     est = MemoryEstimate(parts, error=expected_error(s.gradient_checkpointing))
@@ -252,7 +254,8 @@ def settings_from_config(cfg, family: Optional[str] = None, mode: Optional[str] 
     return MemorySettings(
         family=fam, train_mode=cfg.train_mode, text_encoder_mode=cfg.text_encoder_mode, optimizer=cfg.optimizer,
         mixed_precision=mp, resolution=cfg.resolution, batch_size=cfg.train_batch_size, prior_preservation=prior,
-        gradient_checkpointing=cfg.gradient_checkpointing, cache_latents=cfg.cache_latents,
+        gradient_checkpointing=cfg.gradient_checkpointing, fused_backward=cfg.fused_backward_pass,
+        cache_latents=cfg.cache_latents,
         cache_text_embeddings=cfg.cache_text_embeddings, use_ema=cfg.use_ema, lora_rank=cfg.lora_rank,
         lora_targets=cfg.lora_targets, sampling=bool(cfg.sample_every))
 
@@ -292,7 +295,8 @@ def form_memory_note(form: dict, checkpoint_path: str, gpu_gb: Optional[float]) 
             text_encoder_mode=str(form.get("text_encoder_mode", "frozen")), optimizer=str(form.get("optimizer", "adamw")),
             mixed_precision="bf16" if mp == "auto" else mp, resolution=int(form.get("resolution") or 512),
             batch_size=int(form.get("train_batch_size") or 1), prior_preservation=prior,
-            gradient_checkpointing=bool(form.get("gradient_checkpointing")), cache_latents=bool(form.get("cache_latents", True)),
+            gradient_checkpointing=bool(form.get("gradient_checkpointing")),
+            fused_backward=bool(form.get("fused_backward_pass")), cache_latents=bool(form.get("cache_latents", True)),
             cache_text_embeddings=bool(form.get("cache_text_embeddings", True)), use_ema=bool(form.get("use_ema")),
             lora_rank=int(form.get("lora_rank") or 16), lora_targets=str(form.get("lora_targets") or "attention"),
             sampling=bool(form.get("sample_every")))

@@ -15,10 +15,12 @@ _RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 CUDA_CONTEXT_GB = 0.5  # outside torch's allocator, so outside the estimate
 
 
-def recommended(family: str, train_mode: str, vram_gb: Optional[float], *, have_bitsandbytes: bool = True) -> Dict[str, Any]:
+def recommended(family: str, train_mode: str, vram_gb: Optional[float], *, have_bitsandbytes: bool = True,
+                have_bf16: bool = True) -> Dict[str, Any]:
     """Setting overrides for a family, a training mode and the GPU's memory (None: unknown, no memory trade-offs).
 
     May switch train_mode to 'lora' when full training cannot fit. Pure: checks nothing on the machine.
+    have_bf16=False (a GPU older than Ampere, trained in fp16) rules out the fused backward pass.
     """
     if family not in FAMILIES:
         raise UserError(f"Unknown model family '{family}'; choose one of {', '.join(FAMILIES)}.")
@@ -29,12 +31,12 @@ def recommended(family: str, train_mode: str, vram_gb: Optional[float], *, have_
     if family != "auto":
         out["resolution"] = _RESOLUTION[family]
     if vram_gb is None:  # unknown memory: the plain settings, no trade-off either way
-        plain = {**_full_candidates(fam, False)[-1], "optimizer": "adamw"} if train_mode == "full" else _lora_candidates(fam)[0]
+        plain = {**_full_candidates(fam, False, False)[-1], "optimizer": "adamw"} if train_mode == "full" else _lora_candidates(fam)[0]
         out.update({k: v for k, v in plain.items() if k != "gradient_checkpointing"})
         return out
     chosen = None
     if train_mode == "full":
-        chosen = _first_fitting(fam, _full_candidates(fam, have_bitsandbytes), vram_gb)
+        chosen = _first_fitting(fam, _full_candidates(fam, have_bitsandbytes, have_bf16), vram_gb)
     if chosen is None:
         lora = _lora_candidates(fam)
         chosen = _first_fitting(fam, lora, vram_gb) or lora[-1]
@@ -52,7 +54,8 @@ def _first_fitting(fam: str, candidates: List[Dict[str, Any]], vram_gb: float) -
         settings = MemorySettings(
             family=fam, train_mode=c["train_mode"], text_encoder_mode=c["text_encoder_mode"], optimizer=c["optimizer"],
             mixed_precision="bf16", resolution=_RESOLUTION[fam], batch_size=1, prior_preservation=True,
-            gradient_checkpointing=c["gradient_checkpointing"], cache_latents=True,
+            gradient_checkpointing=c["gradient_checkpointing"], fused_backward=c["fused_backward_pass"],
+            cache_latents=True,
             cache_text_embeddings=c["cache_text_embeddings"], lora_rank=c.get("lora_rank", 16))
         if fits(estimate_memory(settings).upper_gb, vram_gb):
             return c
@@ -63,21 +66,27 @@ def _lora_candidates(fam: str) -> List[Dict[str, Any]]:
     # LoRA's optimizer states are tiny, so plain AdamW; memory goes to activations instead.
     base = {"train_mode": "lora", "optimizer": "adamw", "lora_learning_rate": 1e-4,
             "lora_rank": 32 if fam == "sdxl" else 16, "lora_alpha": 0.0, "text_encoder_mode": "frozen",
-            "cache_text_embeddings": True}
+            "cache_text_embeddings": True, "fused_backward_pass": False}
     return [{**base, "gradient_checkpointing": False}, {**base, "gradient_checkpointing": True}]
 
 
-def _full_candidates(fam: str, have_bitsandbytes: bool) -> List[Dict[str, Any]]:
+def _full_candidates(fam: str, have_bitsandbytes: bool, have_bf16: bool) -> List[Dict[str, Any]]:
     base = {"train_mode": "full", "optimizer": "adamw", "learning_rate": 1e-6 if fam == "sdxl" else 2e-6,
-            "text_encoder_mode": "frozen", "cache_text_embeddings": True}
+            "text_encoder_mode": "frozen", "cache_text_embeddings": True, "fused_backward_pass": False}
+    # each gradient freed as its weight is updated: one fp32 copy of the UNet less, the same optimizer
+    fused = {"fused_backward_pass": True, "gradient_accumulation_steps": 1} if have_bf16 else None
     out = []
     if fam != "sdxl":
         # room to spare: training the text encoder too improves likeness (diffusers' advice for faces)
         out.append({**base, "gradient_checkpointing": False, "text_encoder_mode": "full", "text_encoder_lr": 1e-6,
                     "cache_text_embeddings": False})
-    out += [{**base, "gradient_checkpointing": False}, {**base, "gradient_checkpointing": True}]
+    lean = [{**base, "gradient_checkpointing": False}, {**base, "gradient_checkpointing": True}]
     if have_bitsandbytes:
-        out.append({**base, "gradient_checkpointing": True, "optimizer": "adamw8bit"})
+        lean.append({**base, "gradient_checkpointing": True, "optimizer": "adamw8bit"})
     # the leanest: Adafactor's factored second moments take almost no memory (no fp32 Adam states at all)
-    out.append({**base, "gradient_checkpointing": True, "optimizer": "adafactor"})
+    lean.append({**base, "gradient_checkpointing": True, "optimizer": "adafactor"})
+    for c in lean:
+        out.append(c)
+        if fused and c["gradient_checkpointing"]:
+            out.append({**c, **fused})
     return out

@@ -27,6 +27,8 @@ from dreambooth_ext.train.dataset import LatentSource, build_examples
 from dreambooth_ext.train.ema import EMA
 from dreambooth_ext.train.epochs import resolve_max_steps
 from dreambooth_ext.train.finite import non_finite_message
+from dreambooth_ext.train.fused_backward import FusedBackward
+from dreambooth_ext.train.fused_backward import refusal as fused_refusal
 from dreambooth_ext.train.latent_cache import DiskCache, used_views
 from dreambooth_ext.train.lora import cast_lora_parameters
 from dreambooth_ext.train.models import open_base
@@ -81,6 +83,11 @@ def prepare(cfg: TrainConfig, reporter: Reporter) -> TrainingRun:
     forget_last_accelerator()
     acc = Accelerator(mixed_precision=placement.mode, cpu=placement.device.type == "cpu",
                       kwargs_handlers=_ddp_kwargs(cfg))
+    if cfg.fused_backward_pass:  # the settings passed the checks; the precision and processes are known now
+        why = fused_refusal(accumulation=cfg.gradient_accumulation_steps, mixed_precision=placement.mode,
+                            optimizer=cfg.optimizer, processes=acc.num_processes)
+        if why:
+            raise UserError(why)
     if not acc.is_main_process:
         reporter = _Quiet(reporter)  # one progress bar and one set of messages under `accelerate launch`
     workspace = cfg.workspace_path()
@@ -151,6 +158,11 @@ def place(run: TrainingRun) -> None:
                                          total_steps=cfg.max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     run.ema = EMA(trainables.parameters(), cfg.ema_decay) if cfg.use_ema else None
     run.optimizer = acc.prepare(optimizer)
+    if cfg.fused_backward_pass:
+        run.fused = FusedBackward(optimizer, cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0:
+            run.reporter.warn(f"fused_backward_pass clips each tensor's gradient to {cfg.max_grad_norm} on its own: "
+                              "the norm of all gradients together is never known (max_grad_norm 0 turns clipping off).")
     run.micro = MicroBatch(cfg, bundle, run.unet, run.latents, run.prompts, run.device, placement.compute_dtype)
     run.synced = [run.unet] + (run.text_encoders if trainables.te_trained else [])
     run.progress = run.resume()
@@ -228,6 +240,8 @@ def _optimizer_step(run: TrainingRun) -> float:
     cfg, acc, step, optimizer = run.cfg, run.acc, run.step, run.optimizer
     accumulate = cfg.gradient_accumulation_steps
     te_grad = run.trainables.te_trained and not (cfg.text_encoder_stop_step and step >= cfg.text_encoder_stop_step)
+    if run.fused is not None:
+        return _fused_step(run, te_grad)
     total = torch.zeros((), device=acc.device)
     for a in range(accumulate):
         index = (step * accumulate + a) * acc.num_processes + acc.process_index
@@ -247,6 +261,19 @@ def _optimizer_step(run: TrainingRun) -> float:
     if acc.num_processes > 1:
         return acc.reduce(total / accumulate, reduction="mean").item()
     return total_value / accumulate
+
+
+def _fused_step(run: TrainingRun, te_grad: bool) -> float:
+    """One micro-batch whose backward pass updates the weights; the loss is checked before any weight changes."""
+    cfg, acc, step = run.cfg, run.acc, run.step
+    with acc.autocast():
+        loss = run.micro.loss(run.instances, run.classes, step, te_grad)
+    value = loss.item()  # the step's one host sync, before the weights change
+    if not math.isfinite(value):
+        raise UserError(non_finite_message(cfg, step + 1, value, str(acc.mixed_precision)))
+    with run.fused.armed():
+        acc.backward(loss)
+    return value
 
 
 def _no_sync(acc, modules, sync: bool):

@@ -56,6 +56,7 @@ class TrainingRun:
     micro: Any = None  # batches.MicroBatch
     synced: List[Any] = field(default_factory=list)  # modules whose gradients are averaged across processes
     optimizer: Any = None
+    fused: Any = None  # fused_backward.FusedBackward when the optimizer steps inside the backward pass
     lr_scheduler: Any = None
     ema: Any = None
     monitor: Optional[Monitor] = None

@@ -152,7 +152,7 @@ class Handlers:
         """The form with recommended() applied; the reply lists what changed."""
         try:
             vram = _memory_gb(vram_gb)
-            changes = recommended(family, mode, vram, have_bitsandbytes=_have("bitsandbytes"))
+            changes = recommended(family, mode, vram, have_bitsandbytes=_have("bitsandbytes"), have_bf16=_gpu_has_bf16())
         except UserError as e:
             return form, Reply(str(e), ok=False)
         new = dict(form)
@@ -385,6 +385,13 @@ def _is_settings_file(path: Path) -> bool:
 
 def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def _gpu_has_bf16() -> bool:
+    """False only on an NVIDIA GPU without bf16 (before Ampere), where auto mixed precision is fp16."""
+    import torch
+
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
 
 
 def _same_file(a, b) -> bool:
