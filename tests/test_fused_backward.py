@@ -117,6 +117,8 @@ def test_several_processes_are_refused():
 RUNS = [
     ("full", "full", "", {}),
     ("full", "frozen", "bf16", {}),
+    # the recommendations' pairing: checkpointing recomputes activations inside the backward pass
+    ("full", "full", "bf16", {"gradient_checkpointing": True, "optimizer": "adafactor"}),
     ("lora", "lora", "bf16", {"learning_rate": 1e-3, "text_encoder_lora_lr": 1e-3}),
 ]
 

@@ -20,6 +20,8 @@ from typing import Callable, List
 
 import torch
 
+from dreambooth_ext.errors import UserError
+
 SETTING = "fused_backward_pass"
 
 
@@ -52,6 +54,7 @@ class FusedBackward:
         self.optimizer = optimizer  # torch's own optimizer, not accelerate's wrapper (whose step syncs)
         self.max_grad_norm = float(max_grad_norm)
         self._armed = False
+        self._stepped = set()  # tensors stepped in the armed block now running
         self._handles = []
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
@@ -64,6 +67,11 @@ class FusedBackward:
         return step
 
     def _step_one(self, index: int, p: torch.Tensor) -> None:
+        if id(p) in self._stepped:  # its gradient came in pieces: a second step would be wrong maths
+            raise UserError(f"The fused backward pass got a second gradient for one tensor ({tuple(p.shape)}) in a "
+                            "single step: a module's backward pass ran in separate pieces. Turn "
+                            f"{SETTING} off for this run.")
+        self._stepped.add(id(p))
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         # the optimizer sees one group holding this one tensor: its state stays keyed by the tensor, so
@@ -84,10 +92,12 @@ class FusedBackward:
     def armed(self):
         """The backward passes inside update the weights; outside (calibration, checks) gradients stay."""
         self._armed = True
+        self._stepped.clear()
         try:
             yield
         finally:
             self._armed = False
+            self._stepped.clear()
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -21,6 +21,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from dreambooth_ext.dtypes import describe_precision
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.batches import MicroBatch, PromptCache
+from dreambooth_ext.train.checkpointing import checkpoint_text_encoder
 from dreambooth_ext.train.class_images import NOT_IN_WEBUI, class_jobs_from_config, ensure_class_images
 from dreambooth_ext.train.config import TrainConfig
 from dreambooth_ext.train.dataset import LatentSource, build_examples
@@ -132,7 +133,7 @@ def place(run: TrainingRun) -> None:
         bundle.unet.enable_gradient_checkpointing()
         if trainables.te_mode == "full":
             for te in bundle.text_encoders:
-                te.gradient_checkpointing_enable()
+                checkpoint_text_encoder(te)  # non-reentrant: one backward pass, one gradient per tensor
     # LoRA adapters, new since loading, join their modules on the device as fp32 master weights
     placement.enter(bundle, "prepare")
     if trainables.unet_lora:
