@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -47,9 +48,13 @@ def test_two_process_run_under_accelerate_launch(tiny_checkpoints, tmp_path):
     assert not (trained[key] == base[key]).all()
 
 
-def test_a_trained_text_encoder_stays_the_same_in_every_process(tiny_checkpoints, tmp_path):
-    """Each process sees other batches; only a synchronised encoder ends identical everywhere (and trained)."""
-    proc = _launch("tests.ddp_worker", str(tiny_checkpoints("sd1")), str(tmp_path))
+@pytest.mark.parametrize("gc", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_a_trained_text_encoder_stays_the_same_in_every_process(gc, tiny_checkpoints, tmp_path):
+    """Each process sees other batches; only a synchronised encoder ends identical everywhere (and trained).
+
+    With checkpointing, its layers (called for the instance and the class prompts) must get their gradient
+    in one backward pass: reentrant checkpointing made DDP fail ("mark a variable ready only once")."""
+    proc = _launch("tests.ddp_worker", str(tiny_checkpoints("sd1")), str(tmp_path), *(["gc"] if gc else []))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     first, second = (load_file(str(tmp_path / f"te_{rank}.safetensors")) for rank in (0, 1))

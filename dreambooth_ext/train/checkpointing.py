@@ -4,8 +4,9 @@ transformers' own switch (`gradient_checkpointing_enable`) uses torch's reentran
 pinned versions (4.30 cannot be told otherwise). That variant runs a separate backward pass inside
 each checkpointed layer, so a layer called twice in a step (instance and class prompts, or the
 chunks of a long prompt) gets its gradient in two pieces: a per-tensor gradient hook (the fused
-backward pass) then fires twice and steps twice. It also drops the gradients of a layer whose
-inputs need none. The non-reentrant variant used here keeps one backward pass, as diffusers' UNet
+backward pass) then fires twice and steps twice, and data-parallel training (DDP) stops with
+"Expected to mark a variable ready only once". It also drops the gradients of a layer whose inputs
+need none. The non-reentrant variant used here keeps one backward pass, as diffusers' UNet
 blocks do, and leaves the state-dict keys unchanged.
 """
 
