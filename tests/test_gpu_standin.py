@@ -67,6 +67,8 @@ CASES = [
     ("sd1", "full", "frozen", {}),
     ("sd1", "full", "full", {"text_encoder_lr": 1e-4}),
     ("sd1", "lora", "lora", {"gradient_checkpointing": True}),
+    # clip skip through a trained encoder's fp32 states into its bf16 final norm; the fused pass
+    ("sd1", "lora", "lora", {"clip_skip": 2, "fused_backward_pass": True}),
     ("sd1", "lora", "frozen", {"cache_latents": False, "cache_text_embeddings": False}),
     ("sdxl", "lora", "frozen", {"gradient_checkpointing": True}),
 ]

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from dreambooth_ext.train.long_prompts import CHUNK, batch_chunks
 from dreambooth_ext.train.prompt_weights import apply_weights
@@ -35,7 +36,13 @@ def _sd_hidden(encoder, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
     if clip_skip <= 1:
         return encoder(ids)[0]
     out = encoder(ids, output_hidden_states=True)
-    return getattr(encoder, "module", encoder).text_model.final_layer_norm(out.hidden_states[-clip_skip])
+    hidden = out.hidden_states[-clip_skip]
+    norm = getattr(encoder, "module", encoder).text_model.final_layer_norm
+    if hidden.dtype != norm.weight.dtype:
+        # fp32 states (accelerate's wrapper of a trained encoder) into a half-precision frozen norm: a GPU's
+        # autocast runs layer norms in fp32 and the CPU's refuses the mix, so do here what the GPU does
+        return F.layer_norm(hidden.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+    return norm(hidden)
 
 
 def encode_prompts(text_encoders: List[torch.nn.Module], tokenizers: list, prompts: Sequence[str],
