@@ -105,7 +105,8 @@ class _Host(Host):
 
 
 def test_a_run_with_a_clip_model_keeps_the_clip_scores_and_the_tab_plots_them(tmp_path, tiny_checkpoints, tiny_clip):
-    from dreambooth_ext.ui.handlers import Handlers, monitor_html, monitor_image
+    from dreambooth_ext.ui.handlers import Handlers
+    from dreambooth_ext.ui.render import monitor_html, monitor_image
 
     cfg = small_config(tmp_path, tiny_checkpoints("sd1"), monitor_clip_model=str(tiny_clip), max_steps=4,
                        sample_every=2, sample_steps=2, num_sample_images=1, save_model_every=2)

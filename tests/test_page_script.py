@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_ext.ui.handlers import View, view_html
+from dreambooth_ext.ui.handlers import View
+from dreambooth_ext.ui.render import view_html
 
 SCRIPT = Path(__file__).resolve().parents[1] / "javascript" / "dreambooth.js"
 

@@ -153,7 +153,8 @@ class QuietHost:
 
 
 def test_the_page_lists_the_queue_and_removes_a_waiting_job(runner_and_gates):
-    from dreambooth_ext.ui.handlers import Handlers, view_html
+    from dreambooth_ext.ui.handlers import Handlers
+    from dreambooth_ext.ui.render import view_html
 
     runner, gates = runner_and_gates
     h = Handlers(QuietHost(), runner)

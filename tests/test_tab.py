@@ -243,7 +243,7 @@ class FakeJob:
 def test_the_monitor_curves_and_closing_note_through_the_handlers(host):
     from dreambooth_ext.jobs import JobState
     from dreambooth_ext.train.monitor import Point
-    from dreambooth_ext.ui.handlers import monitor_html, monitor_image
+    from dreambooth_ext.ui.render import monitor_html, monitor_image
 
     runner = JobRunner()
     h = Handlers(host, runner)

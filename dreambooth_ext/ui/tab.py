@@ -17,8 +17,8 @@ from dreambooth_ext.train.config import FAMILIES, GROUPS
 from dreambooth_ext.train.memory import MEMORY_CONCEPT_SETTINGS, MEMORY_SETTINGS, form_memory_note
 from dreambooth_ext.ui import compat
 from dreambooth_ext.ui.form import CONCEPT_BOXES, Form, concept_key, concept_settings, label_for, top_settings
-from dreambooth_ext.ui.handlers import (Handlers, View, monitor_html, monitor_image, outputs_html, reply_html,
-                                        view_html)
+from dreambooth_ext.ui.handlers import Handlers, View
+from dreambooth_ext.ui.render import monitor_html, monitor_image, outputs_html, reply_html, view_html
 
 PREFIX = "dreambooth_"
 OPEN_GROUPS = {"training"}
