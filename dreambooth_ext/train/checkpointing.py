@@ -33,7 +33,7 @@ def checkpoint_text_encoder(text_encoder: torch.nn.Module) -> int:
         if hasattr(module, "gradient_checkpointing") and isinstance(layers, torch.nn.ModuleList):
             module.gradient_checkpointing = False  # never the reentrant path as well
             for layer in layers:
-                if not isinstance(layer.forward, functools.partial):
+                if getattr(layer.forward, "func", None) is not _recomputed:  # not wrapped twice
                     layer.forward = functools.partial(_recomputed, layer.forward)
                 count += 1
     if not count:

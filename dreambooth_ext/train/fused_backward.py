@@ -92,7 +92,6 @@ class FusedBackward:
     def armed(self):
         """The backward passes inside update the weights; outside (calibration, checks) gradients stay."""
         self._armed = True
-        self._stepped.clear()
         try:
             yield
         finally:
