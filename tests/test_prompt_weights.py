@@ -87,7 +87,9 @@ def test_the_long_caption_warning_counts_break_chunks(clip):
     caption = "a cat BREAK a dog"
     assert long_prompt_warning(tok, [_Ex(caption)], (), 75) == []  # off: one short chunk
     (warning,) = long_prompt_warning(tok, [_Ex(caption)], (), 75, weighting=True)
-    assert "first 75" in warning  # on: the second chunk, after BREAK, is cut
+    # on: the second chunk, after BREAK, is cut; said without claiming 4 tokens overflow 75
+    assert "4 tokens in 2 chunks" in warning and "reads only 1 chunk of 75" in warning
+    assert "first 75" not in warning and "150" in warning
     assert long_prompt_warning(tok, [_Ex(caption)], (), 150, weighting=True) == []
 
 

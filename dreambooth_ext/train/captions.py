@@ -53,13 +53,13 @@ def build_prompt(template: str, caption: Optional[str], mode: str) -> str:
     """The training prompt for one image (see the module docstring for the modes)."""
     if mode not in MODES:
         raise ValueError(f"caption mode must be one of {', '.join(MODES)}, not {mode!r}")
-    caption = _tidy(caption or "")
+    caption = tidy(caption or "")
     if mode == "caption" and caption:
         return caption
     if mode == "filewords":
-        return _tidy(_FILEWORDS_RE.sub(lambda _: caption, template))
+        return tidy(_FILEWORDS_RE.sub(lambda _: caption, template))
     # A placeholder left in a template must never reach the text encoder as literal text.
-    return _tidy(_FILEWORDS_RE.sub("", template))
+    return tidy(_FILEWORDS_RE.sub("", template))
 
 
 def prompt_for_image(image_path, template: str, mode: str) -> str:
@@ -67,7 +67,7 @@ def prompt_for_image(image_path, template: str, mode: str) -> str:
     return build_prompt(template, caption, mode)
 
 
-def _tidy(text: str) -> str:
+def tidy(text: str) -> str:
     """Collapse whitespace and the empty comma slots a removed word leaves behind."""
     text = re.sub(r"\s+", " ", text)
     text = re.sub(r"\s+,", ",", text)

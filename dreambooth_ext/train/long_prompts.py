@@ -120,6 +120,11 @@ def kept_tokens(tokenizer, prompt: str, max_chunks: int, weighting: bool = False
     return sum(len(c) for c in _chunks(tokenizer, prompt, max_chunks, weighting))
 
 
+def chunk_count(tokenizer, prompt: str, weighting: bool = False) -> int:
+    """How many chunks of up to 75 tokens the whole prompt fills (each BREAK starts a new one)."""
+    return len(split_weighted(weighted_tokens(tokenizer, prompt, weighting), _comma_id(tokenizer)))
+
+
 def token_count(tokenizer, prompt: str, weighting: bool = False) -> int:
     """The prompt's tokens, as the encoder would read them with no limit (BREAKs are not tokens)."""
     return sum(item is not None for item in weighted_tokens(tokenizer, prompt, weighting))
