@@ -1,5 +1,6 @@
 """The trainer end to end on tiny models: what it writes, resume, LoRA, other families, and bad input."""
 
+import dataclasses
 import errno
 
 import pytest
@@ -69,6 +70,19 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_checkpoints, tmp_path)
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("scheduler,warned", [("cosine", True), ("constant_with_warmup", False)])
+def test_a_resume_that_changes_the_length_says_what_it_does_to_a_decaying_schedule(scheduler, warned,
+                                                                                   tiny_checkpoints, tmp_path):
+    cfg = small_config(tmp_path, tiny_checkpoints("sd1"), max_steps=4, lr_scheduler=scheduler, lr_warmup_steps=1)
+    assert train(cfg, RecordingReporter(stop_at_step=2)).status == "cancelled"
+    longer = RecordingReporter()
+    assert train(dataclasses.replace(cfg, max_steps=6), longer).step == 6
+    said = [w for w in longer.warnings if "4 steps long and now runs to 6" in w]
+    assert bool(said) == warned
+    if warned:
+        assert "'cosine'" in said[0] and "from step 3 on" in said[0]
 
 
 class _Crash(RecordingReporter):

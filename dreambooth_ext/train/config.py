@@ -44,7 +44,9 @@ def setting(default: Any, help: str, group: str, *, min: Optional[float] = None,
     path=True: the value names a file or folder the run reads or writes (the API keeps those inside the
     host's folders).
     resumable=True: the value may change between an interrupted run and its resumption, as it does not
-    change what the steps compute (when to sample or save, where results go, memory and speed)."""
+    change what the steps compute (when to sample or save, where results go, memory and speed), beyond
+    rounding (another attention kernel) or on purpose (max_steps: a longer run, whose decaying learning-rate
+    schedule then spans the new length; the resumed run says so)."""
     meta = {"help": help, "group": group, "min": min, "max": max,
             "choices": list(choices) if choices else None, "multiple_of": multiple_of, "path": path,
             "resumable": resumable}

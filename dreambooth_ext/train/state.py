@@ -28,6 +28,7 @@ class Progress:
     step: int = 0
     losses: List[List[float]] = field(default_factory=list)  # [step, loss]
     config: Dict = field(default_factory=dict)
+    max_steps: int = 0  # the run's length when saved (0: a state saved before it was kept)
 
 
 def state_dir(workspace: Path) -> Path:
@@ -88,7 +89,9 @@ def read_progress(workspace: Path) -> Optional[Progress]:
     if not (isinstance(data, dict) and isinstance(data.get("step"), int) and data["step"] >= 0
             and isinstance(data.get("losses", []), list) and isinstance(data.get("config", {}), dict)):
         raise _unreadable(folder, "progress.json does not hold a step, losses and settings")
-    return Progress(step=data["step"], losses=data.get("losses", []), config=data.get("config", {}))
+    length = data.get("max_steps", 0)
+    return Progress(step=data["step"], losses=data.get("losses", []), config=data.get("config", {}),
+                    max_steps=length if isinstance(length, int) and length > 0 else 0)
 
 
 def check_resumable(saved: Dict, current: Dict) -> List[str]:

@@ -152,6 +152,7 @@ class TrainingRun:
     def save_state(self) -> None:
         check_finite_weights(self.cfg, self.trainables, self.step)
         self.progress.config = st.resumable_config(self.cfg)
+        self.progress.max_steps = self.cfg.max_steps
         st.save_state(self.workspace, self.trainables.state(), self.optimizer, self.lr_scheduler, self.acc.scaler,
                       self.ema, self.progress)
 
@@ -181,6 +182,11 @@ class TrainingRun:
         if self.ema is not None and rest.get("ema"):
             self.ema.load_state_dict(rest["ema"])
         self.reporter.stage(f"resuming '{cfg.name}' from step {saved.step}")
+        if saved.max_steps and saved.max_steps != cfg.max_steps and not cfg.lr_scheduler.startswith("constant"):
+            self.reporter.warn(f"This run was saved as {saved.max_steps} steps long and now runs to {cfg.max_steps}: "
+                               f"its '{cfg.lr_scheduler}' learning-rate schedule now spans {cfg.max_steps} steps, so "
+                               f"from step {saved.step + 1} on its rates differ from those of either length run "
+                               "straight through.")
         return saved
 
     # --- model files -------------------------------------------------------------------------
