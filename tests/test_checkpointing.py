@@ -1,13 +1,21 @@
-"""Text-encoder checkpointing: the same gradients in one backward pass, less kept for it, keys unchanged."""
+"""Text-encoder checkpointing: the same gradients in one backward pass, less kept for it, keys unchanged.
+Autocast's half copies of trained weights: released layer by layer under checkpointing, values unchanged."""
+
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dreambooth_ext.errors import UserError
-from dreambooth_ext.train.checkpointing import checkpoint_text_encoder
+from dreambooth_ext.train.checkpointing import checkpoint_text_encoder, release_cast_copies
 from dreambooth_ext.train.fused_backward import FusedBackward
+from dreambooth_ext.train.placement import EMULATE_ENV
+from dreambooth_ext.train.run import train
+from tests.recording import RecordingReporter
+from tests.trainer_helpers import small_config
 
 
 def _encoder():
@@ -70,3 +78,84 @@ def test_a_gradient_in_two_pieces_stops_the_fused_pass_with_one_sentence():
     with pytest.raises(UserError) as err, fused.armed():
         loss.backward()
     assert "fused_backward_pass" in str(err.value) and str(err.value).count(". ") <= 2
+
+
+class _CastCopies(TorchDispatchMode):
+    """Weak references to every bf16 copy made of one of `params`: which of them are still alive."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.sources, self.copies = {p.data_ptr() for p in params}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.sources \
+                and out.dtype == torch.bfloat16:
+            self.copies.append(weakref.ref(out))
+        return out
+
+    def alive(self) -> int:
+        return sum(r() is not None for r in self.copies)
+
+
+def _checkpointed_step(release: bool):
+    """A checkpointed model whose forward accelerate has wrapped in autocast (its cache on), called inside the
+    trainer's own autocast block; returns the half copies alive as the forward ends, and the gradients."""
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(6))
+    if release:
+        assert len(release_cast_copies(layers)) == 6
+
+    @torch.autocast("cpu", dtype=torch.bfloat16)
+    def forward(x):
+        for layer in layers:
+            x = checkpoint(layer, x, use_reentrant=False)
+        return x
+
+    tracker = _CastCopies(list(layers.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with tracker:
+            out = forward(torch.randn(3, 16))
+            alive = tracker.alive()
+        loss = out.float().square().mean()
+    loss.backward()
+    return alive, [p.grad for p in layers.parameters()]
+
+
+def test_half_copies_of_trained_weights_do_not_outlive_their_layer_and_change_no_gradient():
+    kept, grads = _checkpointed_step(release=False)
+    released, grads_released = _checkpointed_step(release=True)
+    assert kept == 12  # every weight and bias of the six layers, held by the cache alone
+    assert released == 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_released))
+
+
+@pytest.mark.parametrize("family,te_mode", [("sd1", "frozen"), ("sdxl", "full")])
+def test_a_checkpointed_full_run_in_the_gpu_layout_releases_the_copies_and_trains_the_same(
+        family, te_mode, tiny_checkpoints, tmp_path, monkeypatch):
+    """The UNet runs once a step, so its steps are bit-identical with the copies released. A text encoder runs
+    twice (instance and class prompts): released, its two gradients add in fp32 rather than in bf16."""
+    import dreambooth_ext.train.run as run_module
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv(EMULATE_ENV, "bf16")
+    released = []
+    real = run_module.release_cast_copies
+    written = []
+    for release in (False, True):
+        monkeypatch.setattr(run_module, "release_cast_copies",
+                            lambda model: released.append(type(model).__name__) or real(model) if release else [])
+        cfg = small_config(tmp_path / str(release), tiny_checkpoints(family), train_mode="full",
+                           text_encoder_mode=te_mode, text_encoder_lr=1e-4, gradient_checkpointing=True, max_steps=2,
+                           sample_every=2)
+        result = train(cfg, RecordingReporter())
+        assert result.status == "finished"
+        written.append(load_file(sorted(result.outputs)[-1]))
+    encoders = {"sd1": ["CLIPTextModel"], "sdxl": ["CLIPTextModel", "CLIPTextModelWithProjection"]}[family]
+    assert sorted(released) == sorted(["UNet2DConditionModel"] + (encoders if te_mode == "full" else []))
+    assert written[0].keys() == written[1].keys()
+    for k in written[0]:
+        if te_mode == "frozen":
+            assert torch.equal(written[0][k], written[1][k]), k
+        else:
+            assert torch.allclose(written[0][k], written[1][k], rtol=0, atol=1e-5), k

@@ -21,7 +21,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from dreambooth_ext.dtypes import describe_precision
 from dreambooth_ext.errors import UserError
 from dreambooth_ext.train.batches import MicroBatch, PromptCache
-from dreambooth_ext.train.checkpointing import checkpoint_text_encoder
+from dreambooth_ext.train.checkpointing import checkpoint_text_encoder, release_cast_copies
 from dreambooth_ext.train.class_images import NOT_IN_WEBUI, class_jobs_from_config, ensure_class_images
 from dreambooth_ext.train.config import TrainConfig
 from dreambooth_ext.train.dataset import LatentSource, build_examples
@@ -134,6 +134,10 @@ def place(run: TrainingRun) -> None:
         if trainables.te_mode == "full":
             for te in bundle.text_encoders:
                 checkpoint_text_encoder(te)  # non-reentrant: one backward pass, one gradient per tensor
+        if placement.mode in ("fp16", "bf16"):  # no half copy of a fully trained model outlives its layer
+            for model in ([bundle.unet] if not trainables.unet_lora else []) + (
+                    list(bundle.text_encoders) if trainables.te_mode == "full" else []):
+                release_cast_copies(model)
     # LoRA adapters, new since loading, join their modules on the device as fp32 master weights
     placement.enter(bundle, "prepare")
     if trainables.unet_lora:
