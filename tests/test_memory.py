@@ -53,6 +53,32 @@ def test_parameter_table_matches_the_family_configs(family):
     table = PARAMETERS[family]
     assert (counted["unet"], counted["vae"], counted["text_encoders"]) == (table["unet"], table["vae"], table["text_encoders"])
     assert (counted["unet_lora"], counted["te_lora"]) == (table["attention"], table["te_lora"])
+    assert (counted["adafactor_unet"], counted["adafactor_text_encoders"]) == (
+        table["adafactor_unet"], table["adafactor_text_encoders"])
+
+
+def test_adafactor_state_count_is_what_the_optimizer_keeps_and_the_estimate_uses_it():
+    """Counted on a tiny UNet stepped by the trainer's own Adafactor: convolutions keep most of their size."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_ext.tiny import tiny_family
+    from dreambooth_ext.train.memory import adafactor_state_count
+    from dreambooth_ext.train.optim import make_optimizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(tiny_family("sd1")["unet"])
+    opt = make_optimizer("adafactor", [{"params": list(unet.parameters()), "lr": 1e-4}], betas=(0.9, 0.999),
+                         eps=1e-8, weight_decay=0.0, device="cpu")
+    for p in unet.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    kept = sum(v.numel() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    assert kept == adafactor_state_count(unet)
+    convs = sum(p.numel() for p in unet.parameters() if p.dim() == 4)
+    assert kept > 0.5 * convs  # not the ~0 it is known for on transformers' linear layers
+    full = estimate_memory(MemorySettings(family="sd1", train_mode="full", optimizer="adafactor"))
+    assert full.parts["optimizer"] == 4 * PARAMETERS["sd1"]["adafactor_unet"]
+    assert full.parts["optimizer"] > 0.5 * 4 * PARAMETERS["sd1"]["unet"]  # SD1.5's UNet: 1.7 GiB, not 0.1
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -23,6 +23,7 @@ figure beside every estimate).
 """
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -115,15 +116,19 @@ class MemoryEstimate:
         return f"~{self.total_gb:.1f} GB peak GPU memory (+-{self.margin / GB:.1f}; {shown} GB)"
 
 
-# Parameter counts of the shipped family configs (LoRA adapters per unit of rank, per target preset), so an
+# Parameter counts of the shipped family configs (LoRA adapters per unit of rank, per target preset), and the
+# fp32 values Adafactor keeps for the UNet and the text encoders trained in full (adafactor_state_count), so an
 # estimate needs no model; tests/test_memory.py checks them against parameter_counts().
 PARAMETERS = {
     "sd1": {"unet": 859520964, "vae": 83653863, "text_encoders": 123060480, "te_lora": 165888,
-            "attention": 199296, "attention_ff": 423936, "attention_ff_conv": 1050816},
+            "attention": 199296, "attention_ff": 423936, "attention_ff_conv": 1050816,
+            "adafactor_unet": 457589700, "adafactor_text_encoders": 338253},
     "sd2": {"unet": 865910724, "vae": 83653863, "text_encoders": 340387840, "te_lora": 423936,
-            "attention": 207488, "attention_ff": 432128, "attention_ff_conv": 1059008},
+            "attention": 207488, "attention_ff": 432128, "attention_ff_conv": 1059008,
+            "adafactor_unet": 408086212, "adafactor_text_encoders": 783693},
     "sdxl": {"unet": 2567463684, "vae": 83653863, "text_encoders": 817720320, "te_lora": 903168,
-             "attention": 1451520, "attention_ff": 2659840, "attention_ff_conv": 3074240},
+             "attention": 1451520, "attention_ff": 2659840, "attention_ff_conv": 3074240,
+             "adafactor_unet": 244330500, "adafactor_text_encoders": 1665178},
 }
 PARAMETERS["sd2-v"] = PARAMETERS["sd2"]
 
@@ -131,7 +136,20 @@ PARAMETERS["sd2-v"] = PARAMETERS["sd2"]
 def _counts(family: str, lora_targets: str, lora_rank: int) -> Dict[str, int]:
     table = PARAMETERS[family]
     return {"unet": table["unet"], "vae": table["vae"], "text_encoders": table["text_encoders"],
-            "unet_lora": table[lora_targets] * lora_rank, "te_lora": table["te_lora"] * lora_rank}
+            "unet_lora": table[lora_targets] * lora_rank, "te_lora": table["te_lora"] * lora_rank,
+            "adafactor_unet": table["adafactor_unet"], "adafactor_text_encoders": table["adafactor_text_encoders"]}
+
+
+def adafactor_state_count(model) -> int:
+    """fp32 values transformers' Adafactor (no first moment) keeps for a model's parameters: a tensor of two or
+    more dimensions keeps a row and a column statistic over its last two dimensions, anything else a full copy.
+    A 3x3 convolution's statistics are 2/3 of its size and a 1x1's twice it, which is why SD's UNets, heavy
+    in convolutions, keep far more than the small share Adafactor is known for (SD1.5: 0.53 per weight)."""
+    total = 0
+    for p in model.parameters():
+        shape = tuple(p.shape)
+        total += math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else p.numel()
+    return total
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,6 +170,8 @@ def parameter_counts(family: str, lora_targets: str = "attention", lora_rank: in
                for te in fam["text_encoders"]]
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"unet": count(unet), "vae": count(vae), "text_encoders": sum(count(t) for t in tes),
+            "adafactor_unet": adafactor_state_count(unet),
+            "adafactor_text_encoders": sum(adafactor_state_count(t) for t in tes),
             "unet_lora": _lora_count(unet, target_module_names(unet, lora_targets), lora_rank),
             "te_lora": sum(_lora_count(t, target_module_names(t, lora_targets, True), lora_rank) for t in tes)}
 
@@ -236,7 +256,7 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
     if full and half and not s.gradient_checkpointing:
         acts += WEIGHT_COPY_BYTES * n["unet"]
     parts = {"weights": float(weights), "gradients": 0.0 if s.fused_backward else 4.0 * trained,
-             "optimizer": OPTIMIZER_BYTES.get(s.optimizer, 8.0) * trained,
+             "optimizer": _optimizer_bytes(s, n, trained),
              "ema": 4.0 * trained if s.use_ema else 0.0, "activations": acts}
     est = MemoryEstimate(parts, error=expected_error(s.gradient_checkpointing))
     if s.sampling:
@@ -244,6 +264,16 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
         resident += (0 if te_on_device else n["text_encoders"] * frozen_b) + (n["vae"] * vae_b if s.cache_latents else 0)
         est.sampling_peak = resident + _vae_decode_bytes(s.resolution, vae_b == 2)
     return est
+
+
+def _optimizer_bytes(s: MemorySettings, n: Dict[str, int], trained: int) -> float:
+    if s.optimizer != "adafactor":
+        return OPTIMIZER_BYTES.get(s.optimizer, 8.0) * trained
+    # Adafactor's statistics follow the shapes: counted for whole models, about 1/rank of a LoRA adapter
+    full_te = s.text_encoder_mode == "full"
+    whole = (n["adafactor_unet"] if s.train_mode == "full" else 0) + (n["adafactor_text_encoders"] if full_te else 0)
+    adapters = (n["unet_lora"] if s.train_mode == "lora" else 0) + (n["te_lora"] if s.text_encoder_mode == "lora" else 0)
+    return 4.0 * whole + 4.0 / max(1, s.lora_rank) * adapters
 
 
 def settings_from_config(cfg, family: Optional[str] = None, mode: Optional[str] = None) -> MemorySettings:

@@ -24,7 +24,7 @@ KINDS: Tuple[OptimizerKind, ...] = (
     OptimizerKind("adamw", "AdamW", state_bytes=8.0),
     OptimizerKind("adamw8bit", "8-bit AdamW", state_bytes=2.0, package="bitsandbytes", needs_cuda=True),
     OptimizerKind("lion8bit", "8-bit Lion", state_bytes=1.0, package="bitsandbytes", needs_cuda=True),
-    OptimizerKind("adafactor", "Adafactor", state_bytes=0.1),
+    OptimizerKind("adafactor", "Adafactor", state_bytes=0.1),  # memory.py counts it from the shapes
     OptimizerKind("prodigy", "Prodigy", state_bytes=16.0, package="prodigyopt",
                   remedy="run `pip install prodigyopt` in the WebUI's Python environment or choose adamw"),
 )
