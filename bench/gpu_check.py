@@ -31,10 +31,13 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 DEMO = Path(__file__).resolve().parent.parent / "dreambooth_ext" / "data" / "demo" / "instance"
-# name, family, train mode, resolution, gradient checkpointing, fused backward pass (fp32 AdamW; bf16 only)
+# name, family, train mode, resolution, gradient checkpointing, fused backward pass (fp32 AdamW; bf16 only),
+# and optionally the optimizer (otherwise 8-bit AdamW for full runs where bitsandbytes is, else AdamW)
 CASES = [
     ("sd15-full-512", "sd1", "full", 512, True, False),
     ("sd15-full-512-fused", "sd1", "full", 512, True, True),
+    # the lowest-memory full recommendation: Adafactor's state and autocast's released copies show here
+    ("sd15-full-512-adafactor-fused", "sd1", "full", 512, True, True, "adafactor"),
     ("sd15-lora-512", "sd1", "lora", 512, False, False),
     ("sdxl-lora-1024", "sdxl", "lora", 1024, True, False),
 ]
@@ -141,11 +144,11 @@ def run_row(base: Path, work: Path, case, precision: str, attention: str, steps:
     from dreambooth_ext.train.reporter import Reporter
     from dreambooth_ext.train.run import train
 
-    name, family, mode, case_resolution, checkpointed, fused = case
+    name, family, mode, case_resolution, checkpointed, fused, *chosen = case
     resolution = resolution or case_resolution
     cuda = torch.cuda.is_available()
     eight_bit = mode == "full" and not fused and cuda and _importable("bitsandbytes")
-    optimizer = "adamw8bit" if eight_bit else "adamw"
+    optimizer = chosen[0] if chosen else "adamw8bit" if eight_bit else "adamw"
     row = Row(name, precision, attention, optimizer)
     run_name = f"{name}-{precision}-{attention}"
     cfg = _config(base, work, run_name, family, mode, resolution, checkpointed, precision, attention, optimizer, steps,

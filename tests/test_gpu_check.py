@@ -22,7 +22,9 @@ def _gpu_check():
 
 def test_dry_run_trains_samples_saves_and_reloads_every_case(tmp_path, capsys):
     rows = _gpu_check().main(["--dry-run", "--steps", "2", "--work", str(tmp_path), "--json", str(tmp_path / "rows.json")])
-    assert [r.case for r in rows] == ["sd15-full-512", "sd15-full-512-fused", "sd15-lora-512", "sdxl-lora-1024"]
+    assert [r.case for r in rows] == ["sd15-full-512", "sd15-full-512-fused", "sd15-full-512-adafactor-fused",
+                                      "sd15-lora-512", "sdxl-lora-1024"]
+    assert [r.optimizer for r in rows][2] == "adafactor"
     for r in rows:
         assert r.error == "" and r.loss_finite and r.reloads_and_generates is True, r
         assert r.estimate_gb > 0
