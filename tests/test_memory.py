@@ -47,6 +47,21 @@ def test_parts_follow_the_settings():
     assert fused.parts["gradients"] == 0 and fused.total_gb == pytest.approx(full.total_gb - 4 * n / GB)
 
 
+def test_half_copies_of_trained_weights_count_until_checkpointing_releases_them():
+    from dreambooth_ext.train.memory import WEIGHT_COPY_BYTES
+
+    def est(**kw):
+        return estimate_memory(MemorySettings(family="sdxl", train_mode="full", optimizer="adafactor",
+                                              mixed_precision="bf16", sampling=True, **kw))
+
+    n = PARAMETERS["sdxl"]
+    plain, te_full, checkpointed = est(), est(text_encoder_mode="full"), est(gradient_checkpointing=True)
+    # the text encoders' copies too: 1.5 GiB for SDXL's two
+    assert te_full.parts["activations"] - plain.parts["activations"] == WEIGHT_COPY_BYTES * n["text_encoders"]
+    # a sample's denoising loop keeps the UNet's copies cached; checkpointing's hooks drop them
+    assert plain.sampling_peak - checkpointed.sampling_peak == WEIGHT_COPY_BYTES * n["unet"]
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_parameter_table_matches_the_family_configs(family):
     counted = parameter_counts(family, "attention", 1)

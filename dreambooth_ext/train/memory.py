@@ -253,8 +253,11 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
     latent_pixels = (s.resolution // 8) ** 2
     batch = s.batch_size * (2 if s.prior_preservation else 1)
     acts = activation_bytes(config, latent_pixels, batch, checkpointed=s.gradient_checkpointing, half=half)
-    if full and half and not s.gradient_checkpointing:
-        acts += WEIGHT_COPY_BYTES * n["unet"]
+    # autocast's half copies of fp32 trained weights: kept for backward, and cached through a sample's
+    # denoising loop, unless checkpointing releases them layer by layer (train/checkpointing.py)
+    copies = 0.0 if s.gradient_checkpointing or not half else WEIGHT_COPY_BYTES * (
+        (n["unet"] if full else 0) + (n["text_encoders"] if te_full else 0))
+    acts += copies
     parts = {"weights": float(weights), "gradients": 0.0 if s.fused_backward else 4.0 * trained,
              "optimizer": _optimizer_bytes(s, n, trained),
              "ema": 4.0 * trained if s.use_ema else 0.0, "activations": acts}
@@ -262,7 +265,7 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
     if s.sampling:
         resident = parts["weights"] + parts["optimizer"] + parts["ema"]
         resident += (0 if te_on_device else n["text_encoders"] * frozen_b) + (n["vae"] * vae_b if s.cache_latents else 0)
-        est.sampling_peak = resident + _vae_decode_bytes(s.resolution, vae_b == 2)
+        est.sampling_peak = resident + copies + _vae_decode_bytes(s.resolution, vae_b == 2)
     return est
 
 
