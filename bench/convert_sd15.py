@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def build_checkpoint(path: Path, dtype_name: str):
-    """A real-size SD1.5 single file with random weights, written from the shipped configs."""
+def build_checkpoint(path: Path, dtype_name: str, family: str = "sd1"):
+    """A real-size single file of the family (SD1.5 by default) with random weights, from the shipped configs."""
     import torch
 
     from dreambooth_ext.bridge.components import components_for
@@ -27,7 +27,7 @@ def build_checkpoint(path: Path, dtype_name: str):
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     gen = torch.Generator().manual_seed(0)
     entries = []
-    for comp in components_for(load_family("sd1")):
+    for comp in components_for(load_family(family)):
         for row in comp.rows:
             if not all(d in comp.shapes for d in row.diffusers):
                 continue

@@ -5,7 +5,7 @@ Prints per way the min and median wall seconds, CPU seconds and peak RSS, the pe
 baseline (torch, diffusers, transformers imported), and the peak once every weight has been read (from_pretrained
 maps a same-dtype safetensors file, so its weights only count as memory when a first step reads them).
 The third way, "load cached", loads a conversion the workspace already holds (the old way's best case).
-Usage: OMP_NUM_THREADS=1 python bench/start_up.py [--kind tiny|mid|sd15] [--file-dtype fp16|fp32]
+Usage: OMP_NUM_THREADS=1 python bench/start_up.py [--kind tiny|mid|sd15|sdxl] [--file-dtype fp16|fp32]
        [--load fp32|bf16|fp16] [--repeats 3] [--dir DIR]
 """
 
@@ -27,10 +27,11 @@ def build(kind: str, folder: Path, file_dtype: str) -> Path:
     path = folder / f"{kind}-{file_dtype}.safetensors"
     if path.is_file():
         return path
-    if kind == "sd15":
+    if kind in ("sd15", "sdxl"):
         from bench.convert_sd15 import build_checkpoint
 
-        build_checkpoint(path, file_dtype)  # the real SD1.5 shapes, random weights, the shipped sd1 config
+        # the real shapes, random weights, the shipped family config
+        build_checkpoint(path, file_dtype, "sd1" if kind == "sd15" else "sdxl")
         return path
     import torch
 
@@ -109,7 +110,7 @@ def child(way: str, checkpoint: str, load: str, workspace: str):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kind", choices=["tiny", "mid", "sd15"], default="tiny")
+    parser.add_argument("--kind", choices=["tiny", "mid", "sd15", "sdxl"], default="tiny")
     parser.add_argument("--file-dtype", choices=["fp16", "fp32"], default="fp16")
     parser.add_argument("--load", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
