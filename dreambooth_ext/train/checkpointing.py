@@ -13,7 +13,7 @@ Autocast keeps the half-precision copy it makes of every fp32 weight that trains
 autocast block ends (accelerate wraps a prepared model's forward in one with its cache on). Without
 checkpointing the backward pass holds those copies anyway; with it nothing else does, yet the cache
 still holds a half copy of the whole trained model at the end of the forward pass (1.6 GiB for a full
-SD1.5 UNet, 5 GiB for SDXL's). `release_cast_copies` drops each layer's copies once the layer is done.
+SD1.5 UNet, 4.8 GiB for SDXL's). `release_cast_copies` drops each layer's copies once the layer is done.
 """
 
 import functools
