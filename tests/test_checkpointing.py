@@ -15,7 +15,7 @@ from dreambooth_ext.train.fused_backward import FusedBackward
 from dreambooth_ext.train.placement import EMULATE_ENV
 from dreambooth_ext.train.run import train
 from tests.recording import RecordingReporter
-from tests.trainer_helpers import small_config
+from tests.trainer_helpers import capture_bundles, small_config
 
 
 def _encoder():
@@ -159,3 +159,24 @@ def test_a_checkpointed_full_run_in_the_gpu_layout_releases_the_copies_and_train
             assert torch.equal(written[0][k], written[1][k]), k
         else:
             assert torch.allclose(written[0][k], written[1][k], rtol=0, atol=1e-5), k
+
+
+def test_text_encoder_adapters_train_through_checkpointed_layers_to_the_same_file(tiny_checkpoints, tmp_path,
+                                                                                  monkeypatch):
+    """LoRA on the text encoder: its layers are recomputed in the backward pass (fp32: the same steps)."""
+    from safetensors.torch import load_file
+
+    from dreambooth_ext.train.checkpointing import _recomputed
+
+    written = []
+    for gc in (False, True):
+        bundles = capture_bundles(monkeypatch)
+        cfg = small_config(tmp_path / str(gc), tiny_checkpoints("sd1"), train_mode="lora", text_encoder_mode="lora",
+                           gradient_checkpointing=gc, max_steps=3, learning_rate=1e-3, text_encoder_lora_lr=1e-3)
+        result = train(cfg, RecordingReporter())
+        assert result.status == "finished"
+        layers = bundles[-1].text_encoders[0].text_model.encoder.layers
+        assert all((getattr(layer.forward, "func", None) is _recomputed) == gc for layer in layers)
+        written.append(load_file(sorted(p for p in result.outputs if p.endswith(".safetensors"))[-1]))
+    assert written[0].keys() == written[1].keys() and any(k.startswith("lora_te") for k in written[0])
+    assert all(torch.equal(written[0][k], written[1][k]) for k in written[0])

@@ -58,6 +58,12 @@ ACTIVATION_BYTES = {
 # activations: fitted to the real SD1.5 UNet's growth from 128 to 256 px (bench/memory_calibrate.py).
 WHOLE_UNET_FACTOR = 1.29
 RECOMPUTE_FACTOR = 1.39
+# A trained text encoder's activations per token and hidden unit of each layer, under bf16 autocast, one
+# 77-token chunk per prompt: measured with LoRA adapters on SD1's encoder (52; 11 checkpointed) and SDXL's
+# two (43; 9) with torch's memory profiler (tests/test_memory.py measures a small one).
+TE_ACTIVATION_BYTES = 50.0
+TE_ACTIVATION_BYTES_CHECKPOINTED = 10.0
+TE_TOKENS = 77
 # Activations of autocast's half-precision copies of fp32 trained weights, kept for backward (bytes/param).
 WEIGHT_COPY_BYTES = 2.0
 
@@ -227,6 +233,13 @@ def activation_bytes(config: dict, latent_pixels: int, batch: int, *, checkpoint
     return per_pixel * latent_pixels * batch * (1.0 if half else 2.0)
 
 
+def text_encoder_activation_bytes(te_configs, prompts: int, *, checkpointed: bool, half: bool) -> float:
+    """Bytes trained text encoders keep for their backward pass, for `prompts` encoded prompts of one chunk."""
+    units = sum(c["num_hidden_layers"] * c["hidden_size"] for c in te_configs) * TE_TOKENS * prompts
+    per_unit = TE_ACTIVATION_BYTES_CHECKPOINTED if checkpointed else TE_ACTIVATION_BYTES
+    return per_unit * units * (1.0 if half else 2.0)
+
+
 def expected_error(checkpointed: bool) -> float:
     return CHECKPOINTED_ERROR if checkpointed else EXPECTED_ERROR
 
@@ -253,6 +266,9 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
     latent_pixels = (s.resolution // 8) ** 2
     batch = s.batch_size * (2 if s.prior_preservation else 1)
     acts = activation_bytes(config, latent_pixels, batch, checkpointed=s.gradient_checkpointing, half=half)
+    if s.text_encoder_mode != "frozen":  # the prompts go through the trained encoders with their gradients
+        acts += text_encoder_activation_bytes([te["config"] for te in load_family(s.family)["text_encoders"]],
+                                              batch, checkpointed=s.gradient_checkpointing, half=half)
     # autocast's half copies of fp32 trained weights: kept for backward, and cached through a sample's
     # denoising loop, unless checkpointing releases them layer by layer (train/checkpointing.py)
     copies = 0.0 if s.gradient_checkpointing or not half else WEIGHT_COPY_BYTES * (

@@ -131,7 +131,7 @@ def place(run: TrainingRun) -> None:
     run.attention = choose_attention(cfg.attention, run.device, bundle.unet)
     if cfg.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
-        if trainables.te_mode == "full":
+        if trainables.te_trained:  # in full or through LoRA adapters
             for te in bundle.text_encoders:
                 checkpoint_text_encoder(te)  # non-reentrant: one backward pass, one gradient per tensor
         if placement.mode in ("fp16", "bf16"):  # no half copy of a fully trained model outlives its layer
