@@ -48,7 +48,10 @@ def checkpoint_text_encoder(text_encoder: torch.nn.Module) -> int:
 
 
 def _clear_cast_cache(_module, _inputs, _output):
-    torch.clear_autocast_cache()  # the copies the graph needs are referenced by it; the rest go now
+    # The copies the graph needs are referenced by it; the rest go now. torch keeps one cache for the whole
+    # process, so another thread's cached copies go too and are remade when next used: that costs time,
+    # never values (the cache holds only casts of fp32 weights that require gradients).
+    torch.clear_autocast_cache()
 
 
 def release_cast_copies(model: torch.nn.Module) -> list:
