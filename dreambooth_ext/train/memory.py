@@ -59,10 +59,11 @@ ACTIVATION_BYTES = {
 WHOLE_UNET_FACTOR = 1.29
 RECOMPUTE_FACTOR = 1.39
 # A trained text encoder's activations per token and hidden unit of each layer, under bf16 autocast, one
-# 77-token chunk per prompt: measured with LoRA adapters on SD1's encoder (52; 11 checkpointed) and SDXL's
-# two (43; 9) with torch's memory profiler (tests/test_memory.py measures a small one).
-TE_ACTIVATION_BYTES = 50.0
-TE_ACTIVATION_BYTES_CHECKPOINTED = 10.0
+# 77-token chunk per prompt, measured with LoRA adapters by torch's memory profiler on SD1's encoder (45) and
+# SDXL's two (38). Checkpointed, the layers' kept inputs (0.75; fitted on the same two) and the recompute
+# of the widest layer (TE_ACTIVATION_BYTES per its unit): `./run.sh bench memory_calibrate --text-encoders`.
+TE_ACTIVATION_BYTES = 45.0
+TE_KEPT_BYTES_CHECKPOINTED = 0.75
 TE_TOKENS = 77
 # Activations of autocast's half-precision copies of fp32 trained weights, kept for backward (bytes/param).
 WEIGHT_COPY_BYTES = 2.0
@@ -236,8 +237,12 @@ def activation_bytes(config: dict, latent_pixels: int, batch: int, *, checkpoint
 def text_encoder_activation_bytes(te_configs, prompts: int, *, checkpointed: bool, half: bool) -> float:
     """Bytes trained text encoders keep for their backward pass, for `prompts` encoded prompts of one chunk."""
     units = sum(c["num_hidden_layers"] * c["hidden_size"] for c in te_configs) * TE_TOKENS * prompts
-    per_unit = TE_ACTIVATION_BYTES_CHECKPOINTED if checkpointed else TE_ACTIVATION_BYTES
-    return per_unit * units * (1.0 if half else 2.0)
+    if checkpointed:
+        widest = max(c["hidden_size"] for c in te_configs) * TE_TOKENS * prompts
+        kept = TE_KEPT_BYTES_CHECKPOINTED * units + TE_ACTIVATION_BYTES * widest
+    else:
+        kept = TE_ACTIVATION_BYTES * units
+    return kept * (1.0 if half else 2.0)
 
 
 def expected_error(checkpointed: bool) -> float:

@@ -65,3 +65,35 @@ def measure_activation_bytes(unet, latent_side: int, batch: int, *, checkpointed
     adapter_grads = sum(p.numel() * 4 for p in lora_lib.lora_parameters(unet))
     unet.zero_grad(set_to_none=True)
     return max(0, peak_allocated_bytes(step) - adapter_grads)
+
+
+def measure_text_encoder_activation_bytes(encoders, prompts: int = 2, *, checkpointed: bool, seed: int = 0) -> int:
+    """Peak bytes of a text-encoder LoRA step's forward and backward (each of `prompts` 77-token prompts in a
+    call of its own, as the trainer encodes the instance and class prompts), beyond the adapters' gradients.
+
+    The encoders get frozen bf16 weights and fp32 adapters on attention, in place; bf16 autocast."""
+    from dreambooth_ext.train import lora as lora_lib
+    from dreambooth_ext.train.checkpointing import checkpoint_text_encoder
+
+    for te in encoders:
+        te.to(torch.bfloat16).requires_grad_(False)
+        if not lora_lib.lora_layers(te):
+            lora_lib.add_lora(te, "attention", 4, 4.0, is_text_encoder=True)
+        lora_lib.cast_lora_parameters(te, torch.float32)
+        te.train()
+        if checkpointed:
+            checkpoint_text_encoder(te)
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, te.config.vocab_size, (1, 77), generator=gen) for te in encoders]
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sum(te(i, output_hidden_states=True).hidden_states[-2].float().mean()
+                       for _ in range(prompts) for te, i in zip(encoders, ids))
+        loss.backward()
+
+    step()  # the adapters' gradients exist before measuring
+    adapters = sum(p.numel() * 4 for te in encoders for p in lora_lib.lora_parameters(te))
+    for te in encoders:
+        te.zero_grad(set_to_none=True)
+    return max(0, peak_allocated_bytes(step) - adapters)
