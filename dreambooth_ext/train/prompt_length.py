@@ -26,19 +26,20 @@ def long_prompt_warning(tokenizer, examples: Sequence, extra_prompts: Sequence[s
     chunks = max(1, max_tokens // CHUNK)
     seen, long = {}, []
 
-    def check(prompt: str, where: str):
+    def check(prompt: str, where):
+        """`where` names the prompt's origin when called: only for a prompt that is cut (it may read a file)."""
         if prompt in seen:
             return
         total = token_count(tokenizer, prompt, weighting)
         seen[prompt] = total
         if kept_tokens(tokenizer, prompt, chunks, weighting) < total:
-            long.append((where, total, chunk_count(tokenizer, prompt, weighting)))
+            long.append((where(), total, chunk_count(tokenizer, prompt, weighting)))
 
     for ex in examples:
-        check(ex.prompt, _origin(ex))
+        check(ex.prompt, lambda ex=ex: _origin(ex))
     for prompt in extra_prompts:
         if prompt:
-            check(prompt, f"the sample prompt {prompt[:60]!r}")
+            check(prompt, lambda prompt=prompt: f"the sample prompt {prompt[:60]!r}")
     if not long:
         return []
     where, count, needed = long[0]
