@@ -267,13 +267,14 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
     weights = n["unet"] * (4 if full else frozen_b) + (0 if full else 4 * n["unet_lora"])
     weights += (n["text_encoders"] * (4 if te_full else frozen_b) + 4 * (n["te_lora"] if te_lora else 0)) if te_on_device else 0
     weights += 0 if s.cache_latents else n["vae"] * vae_b
-    config = s.unet_config or load_family(s.family)["unet"]
+    family = load_family(s.family)
+    config = s.unet_config or family["unet"]
     latent_pixels = (s.resolution // 8) ** 2
     batch = s.batch_size * (2 if s.prior_preservation else 1)
     acts = activation_bytes(config, latent_pixels, batch, checkpointed=s.gradient_checkpointing, half=half)
     if s.text_encoder_mode != "frozen":  # the prompts go through the trained encoders with their gradients
-        acts += text_encoder_activation_bytes([te["config"] for te in load_family(s.family)["text_encoders"]],
-                                              batch, checkpointed=s.gradient_checkpointing, half=half)
+        acts += text_encoder_activation_bytes([te["config"] for te in family["text_encoders"]], batch,
+                                              checkpointed=s.gradient_checkpointing, half=half)
     # autocast's half copies of fp32 trained weights: kept for backward, and cached through a sample's
     # denoising loop, unless checkpointing releases them layer by layer (train/checkpointing.py)
     copies = 0.0 if s.gradient_checkpointing or not half else WEIGHT_COPY_BYTES * (
