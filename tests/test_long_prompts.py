@@ -118,6 +118,30 @@ def test_a_caption_still_cut_is_warned_about(clip):
     assert "first 75" in long_prompt_warning(tok, [_Ex(_words("cat", 100))])[0]
 
 
+def test_the_warning_names_a_caption_file_only_when_the_prompt_came_from_it(clip, tmp_path):
+    tok = clip["sd1"][1][0]
+    image = tmp_path / "pose1.png"
+    image.write_bytes(b"")
+    caption = _words("dog", 90)
+    (tmp_path / "pose1.txt").write_text(caption + "\n")
+    (from_caption,) = long_prompt_warning(tok, [_Ex(caption, image)])
+    assert str(tmp_path / "pose1.txt") in from_caption
+    (from_prompt,) = long_prompt_warning(tok, [_Ex(_words("cat", 90), image)])  # caption mode "prompt"
+    assert "pose1.txt" not in from_prompt and "the prompt 'cat cat" in from_prompt
+    (tmp_path / "pose1.txt").write_bytes(b"\xff\xfe bad")  # not UTF-8, and unused: still the prompt's warning
+    assert "the prompt 'cat" in long_prompt_warning(tok, [_Ex(_words("cat", 90), image)])[0]
+
+
+def test_a_prompt_that_fits_reads_no_caption_file(clip, monkeypatch):
+    import dreambooth_ext.train.prompt_length as prompt_length
+
+    def unread(_path):
+        raise AssertionError("a caption read again for a prompt that is not cut")
+
+    monkeypatch.setattr(prompt_length, "read_caption", unread)
+    assert long_prompt_warning(clip["sd1"][1][0], [_Ex(_words("cat", 10))] * 3) == []
+
+
 def test_the_tab_starts_from_the_webuis_clip_skip(webui):
     from dreambooth_ext.jobs import JobRunner
     from dreambooth_ext.ui.handlers import Handlers
