@@ -135,9 +135,9 @@ def place(run: TrainingRun) -> None:
             for te in bundle.text_encoders:
                 checkpoint_text_encoder(te)  # non-reentrant: one backward pass, one gradient per tensor
         if placement.mode in ("fp16", "bf16"):  # no half copy of a fully trained model outlives its layer
-            for model in ([bundle.unet] if not trainables.unet_lora else []) + (
-                    list(bundle.text_encoders) if trainables.te_mode == "full" else []):
-                release_cast_copies(model)
+            for _name, model, is_lora in trainables.trained_modules():
+                if not is_lora:
+                    release_cast_copies(model)
     # LoRA adapters, new since loading, join their modules on the device as fp32 master weights
     placement.enter(bundle, "prepare")
     if trainables.unet_lora:

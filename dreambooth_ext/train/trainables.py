@@ -27,13 +27,13 @@ class Trainables:
     def state(self) -> Dict[str, torch.Tensor]:
         """The trained tensors only (LoRA adapters, or whole modules), keyed by module: for resumable state."""
         out = {}
-        for name, model, is_lora in self._trained_modules():
+        for name, model, is_lora in self.trained_modules():
             sd = lora_lib.lora_state_dict(model) if is_lora else model.state_dict()
             out.update({f"{name}/{k}": v for k, v in sd.items()})
         return out
 
     def load(self, state: Dict[str, torch.Tensor]):
-        for name, model, is_lora in self._trained_modules():
+        for name, model, is_lora in self.trained_modules():
             sd = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "/")}
             if is_lora:
                 lora_lib.load_lora_state_dict(model, sd)
@@ -42,7 +42,8 @@ class Trainables:
                     for k, v in model.state_dict().items():
                         v.copy_(sd[k])
 
-    def _trained_modules(self):
+    def trained_modules(self):
+        """(name, module, trained through LoRA) for each module that trains."""
         yield "unet", self.unet, self.unet_lora
         if self.te_trained:
             for i, te in enumerate(self.text_encoders):
