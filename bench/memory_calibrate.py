@@ -59,9 +59,8 @@ def main(argv=None):
 
 def text_encoders(family: str, tiny: bool):
     import torch
-    import transformers
 
-    from dreambooth_ext.bridge.family_data import load_family
+    from dreambooth_ext.bridge.family_data import load_family, new_text_encoder
     from dreambooth_ext.tiny import tiny_family
     from dreambooth_ext.train.memory import TE_TOKENS, text_encoder_activation_bytes
     from dreambooth_ext.train.memory_calibration import measure_text_encoder_activation_bytes
@@ -73,7 +72,7 @@ def text_encoders(family: str, tiny: bool):
           f"({units:,} token-units)")
     for checkpointed in (False, True):
         torch.manual_seed(0)
-        encoders = [getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"])) for te in specs]
+        encoders = [new_text_encoder(te) for te in specs]
         started = time.time()
         measured = measure_text_encoder_activation_bytes(encoders, 2, checkpointed=checkpointed)
         estimated = text_encoder_activation_bytes(configs, 2, checkpointed=checkpointed, half=True)

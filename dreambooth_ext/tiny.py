@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from dreambooth_ext.bridge.components import TEXT_ENCODER, text_encoder_name
-from dreambooth_ext.bridge.family_data import load_family
+from dreambooth_ext.bridge.family_data import load_family, new_text_encoder
 
 TINY_UNET = {
     "block_out_channels": [32, 64],
@@ -69,7 +69,6 @@ def build_models(fam: dict, seed: int = 0) -> Dict[str, torch.nn.Module]:
     pictures have unit variance, which is what the real models' factors (0.18215, 0.13025) do:
     without it a random VAE's latents are ~50x smaller than the noise diffusion starts from.
     """
-    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -78,8 +77,7 @@ def build_models(fam: dict, seed: int = 0) -> Dict[str, torch.nn.Module]:
         "vae": AutoencoderKL(**fam["vae"]),
     }
     for i, te in enumerate(fam["text_encoders"]):
-        cls = getattr(transformers, te["class"])
-        encoder = cls(transformers.CLIPTextConfig(**te["config"]))
+        encoder = new_text_encoder(te)
         with torch.no_grad():
             # a fresh layer norm has bias 0, so the encoder's output averages to exactly 0 once saved
             # in fp16, and the WebUI's prompt emphasis (z * mean(z) / mean(z * weights)) divides 0 by 0

@@ -4,11 +4,10 @@ their outputs on fixed inputs, and the merge the tests use to compare a file's e
 import copy
 
 import torch
-import transformers
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from dreambooth_ext.bridge.family_data import load_family
+from dreambooth_ext.bridge.family_data import load_family, new_text_encoder
 from dreambooth_ext.tiny import tiny_family
 from dreambooth_ext.train.lora import ADAPTER, add_lora, lora_layers, lora_parameters
 
@@ -40,7 +39,7 @@ def build(name, seed=0):
     fam = family_dict(name)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**fam["unet"]).eval()
-    tes = [getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"])).eval()
+    tes = [new_text_encoder(te).eval()
            for te in fam["text_encoders"]]
     return fam["family"], unet, tes
 

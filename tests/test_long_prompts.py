@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from dreambooth_ext.bridge.family_data import new_text_encoder
 from dreambooth_ext.tiny import tiny_family
 from dreambooth_ext.tokenizer_files import write_tokenizer
 from dreambooth_ext.train.conditioning import TextOptions, encode_prompts
@@ -21,7 +22,7 @@ def clip(tmp_path_factory):
     out = {}
     for name in ("sd1", "sd2", "sdxl"):
         torch.manual_seed(0)
-        encoders = [getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"])).eval()
+        encoders = [new_text_encoder(te).eval()
                     for te in tiny_family(name)["text_encoders"]]
         pads = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}[name]
         out[name] = (encoders, [toks[p] for p in pads])

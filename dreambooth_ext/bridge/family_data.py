@@ -26,3 +26,10 @@ def load_family(name: str) -> Dict[str, Any]:
     if name not in FAMILY_NAMES:
         raise ValueError(f"unknown model family {name!r}; valid names: {', '.join(FAMILY_NAMES)}")
     return copy.deepcopy(_read(name))
+
+
+def new_text_encoder(spec: Dict[str, Any]):
+    """A text encoder built (randomly initialised) from one entry of a family's "text_encoders" list."""
+    import transformers
+
+    return getattr(transformers, spec["class"])(transformers.CLIPTextConfig(**spec["config"]))

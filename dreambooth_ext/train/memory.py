@@ -162,18 +162,17 @@ def adafactor_state_count(model) -> int:
 @functools.lru_cache(maxsize=None)
 def parameter_counts(family: str, lora_targets: str = "attention", lora_rank: int = 16) -> Dict[str, int]:
     """Parameters of the family's UNet, VAE, text encoders, and of the LoRA adapters a preset adds (meta tensors)."""
-    import transformers
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from dreambooth_ext.bridge.family_data import load_family
+    from dreambooth_ext.bridge.family_data import load_family, new_text_encoder
     from dreambooth_ext.train.lora import target_module_names
 
     fam = load_family(family)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(fam["unet"])
         vae = AutoencoderKL.from_config(fam["vae"])
-        tes = [getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"]))
+        tes = [new_text_encoder(te)
                for te in fam["text_encoders"]]
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"unet": count(unet), "vae": count(vae), "text_encoders": sum(count(t) for t in tes),

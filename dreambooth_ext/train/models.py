@@ -138,6 +138,7 @@ def load_bundle(folder: Path, torch_dtype: torch.dtype = torch.float32,
 
     from dreambooth_ext.bridge.components import TEXT_ENCODER, encoder_suffix, text_encoder_name
     from dreambooth_ext.bridge.diffusers_folder import component_state_dict, family_from_folder
+    from dreambooth_ext.bridge.family_data import new_text_encoder
     from dreambooth_ext.bridge.keymap_text import DERIVED_BUFFERS
 
     folder = Path(folder)
@@ -148,7 +149,7 @@ def load_bundle(folder: Path, torch_dtype: torch.dtype = torch.float32,
     vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtypes["vae"], local_files_only=True)
     text_encoders, tokenizers = [], []
     for i, te in enumerate(fam["text_encoders"]):
-        model = getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"])).to(dtypes[TEXT_ENCODER])
+        model = new_text_encoder(te).to(dtypes[TEXT_ENCODER])
         state = component_state_dict(folder, text_encoder_name(i))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in DERIVED_BUFFERS]
@@ -263,6 +264,7 @@ def build_bundle(opened, torch_dtype: torch.dtype = torch.float32, dtypes: Optio
 
     from dreambooth_ext.bridge.components import text_encoder_name
     from dreambooth_ext.bridge.diffusers_folder import configs_as_read, family_from_configs
+    from dreambooth_ext.bridge.family_data import new_text_encoder
     from dreambooth_ext.bridge.keymap_text import DERIVED_BUFFERS
     from dreambooth_ext.bridge.tensor_io import DictSource
     from dreambooth_ext.tokenizer_files import load_tokenizer
@@ -295,7 +297,7 @@ def build_bundle(opened, torch_dtype: torch.dtype = torch.float32, dtypes: Optio
     for i, te in enumerate(fam["text_encoders"]):
         name = text_encoder_name(i)
         with init_empty_weights():
-            model = getattr(transformers, te["class"])(transformers.CLIPTextConfig(**te["config"]))
+            model = new_text_encoder(te)
         missing, unexpected = _take(model, _loaded_state(opened, name, dtypes["text_encoder"],
                                                          devices["text_encoder"], should_stop, source_storages))
         missing = [k for k in missing if k not in DERIVED_BUFFERS]
